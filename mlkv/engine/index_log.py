@@ -1,0 +1,101 @@
+"""The durable key -> slot map of a slab table: a snapshot file plus an append-only log of deltas.
+
+A checkpoint appends one record with the (key, slot) pairs that changed since the previous checkpoint
+(slot -1: deleted), so its cost follows what changed, not the table size. When the log outgrows the
+snapshot, the next checkpoint writes a fresh snapshot instead (amortised O(changes)). Recovery loads the
+snapshot and replays the log up to the length the manifest committed: a sequential read at disk speed.
+Both files carry magic/version and CRC-32s over header and payload.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+
+import numpy as np
+
+from ..errors import CorruptionError
+
+SNAP_MAGIC = b"MLKVSNAP"
+LOG_MAGIC = b"MLKVILOG"
+VERSION = 1
+# magic, version, checkpoint id, pair count, payload CRC-32; the header's own CRC-32 follows
+_REC = struct.Struct("<8sIQQI")
+_REC_BYTES = _REC.size + 4
+
+
+def _pack(magic: bytes, ckpt: int, keys: np.ndarray, slots: np.ndarray) -> bytes:
+    payload = keys.astype(np.uint64).tobytes() + slots.astype(np.int64).tobytes()
+    head = _REC.pack(magic, VERSION, ckpt, len(keys), zlib.crc32(payload))
+    return head + struct.pack("<I", zlib.crc32(head)) + payload
+
+
+def _unpack(path: str, buf: memoryview, off: int, magic: bytes) -> tuple[int, np.ndarray, np.ndarray, int]:
+    """One record at `off`: (checkpoint id, keys, slots, offset after it)."""
+    if off + _REC_BYTES > len(buf):
+        raise CorruptionError(path, off, "record header truncated")
+    head = bytes(buf[off : off + _REC.size])
+    (head_crc,) = struct.unpack("<I", buf[off + _REC.size : off + _REC_BYTES])
+    if zlib.crc32(head) != head_crc:
+        raise CorruptionError(path, off, "record header CRC-32 mismatch")
+    m, version, ckpt, n, crc = _REC.unpack(head)
+    if m != magic or version != VERSION:
+        raise CorruptionError(path, off, f"bad magic/version {m!r}/{version}")
+    start, end = off + _REC_BYTES, off + _REC_BYTES + 16 * n
+    if end > len(buf):
+        raise CorruptionError(path, off, f"record of {n} pairs truncated")
+    if zlib.crc32(buf[start:end]) != crc:
+        raise CorruptionError(path, start, "record payload CRC-32 mismatch")
+    keys = np.frombuffer(buf, dtype=np.uint64, count=n, offset=start)
+    slots = np.frombuffer(buf, dtype=np.int64, count=n, offset=start + 8 * n)
+    return ckpt, keys, slots, end
+
+
+def write_snapshot(path: str, ckpt: int, keys: np.ndarray, slots: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        f.write(_pack(SNAP_MAGIC, ckpt, keys, slots))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def append_log(path: str, ckpt: int, keys: np.ndarray, slots: np.ndarray) -> int:
+    """Append one durable record; return the log's new length (what the manifest commits)."""
+    with open(path, "ab") as f:
+        f.write(_pack(LOG_MAGIC, ckpt, keys, slots))
+        f.flush()
+        os.fsync(f.fileno())
+        return f.tell()
+
+
+def load(snapshot: str | None, log: str | None, log_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Replay snapshot + the first `log_len` bytes of the log into final (keys, slots), deletions dropped."""
+    parts_k, parts_s = [], []
+    if snapshot:
+        with open(snapshot, "rb") as f:
+            buf = memoryview(f.read())
+        _, k, s, end = _unpack(snapshot, buf, 0, SNAP_MAGIC)
+        if end != len(buf):
+            raise CorruptionError(snapshot, end, "trailing bytes after snapshot")
+        parts_k.append(k)
+        parts_s.append(s)
+    if log and log_len:
+        with open(log, "rb") as f:
+            buf = memoryview(f.read(log_len))
+        if len(buf) < log_len:
+            raise CorruptionError(log, len(buf), f"log shorter than the committed {log_len} bytes")
+        off = 0
+        while off < log_len:
+            _, k, s, off = _unpack(log, buf, off, LOG_MAGIC)
+            parts_k.append(k)
+            parts_s.append(s)
+    if not parts_k:
+        return np.empty(0, np.uint64), np.empty(0, np.int64)
+    keys = np.concatenate(parts_k)
+    slots = np.concatenate(parts_s)
+    # the last record of a key wins: unique over the reversed sequence keeps each key's last occurrence
+    rk = keys[::-1]
+    uk, first = np.unique(rk, return_index=True)
+    us = slots[::-1][first]
+    live = us >= 0
+    return uk[live], us[live]

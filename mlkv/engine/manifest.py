@@ -1,0 +1,57 @@
+"""The manifest: one small JSON file whose atomic replacement is the commit point of a checkpoint.
+
+Written LevelDB-CURRENT style: write a temp file, fsync it, rename it over the old one, fsync the directory.
+A crash leaves either the old or the new manifest, never a mix. The first line carries a magic/version and
+a CRC-32 of the body, so a damaged manifest raises CorruptionError instead of being half-believed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+
+from ..errors import CorruptionError
+
+MAGIC = "MLKVMANIFEST"
+VERSION = 1
+FILE_NAME = "MANIFEST"
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(directory: str, body: dict) -> None:
+    data = json.dumps(body, sort_keys=True).encode()
+    header = f"{MAGIC} {VERSION} {zlib.crc32(data):08x} {len(data)}\n".encode()
+    tmp = os.path.join(directory, FILE_NAME + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header + data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(directory, FILE_NAME))
+    fsync_dir(directory)
+
+
+def read_manifest(directory: str) -> dict | None:
+    """The committed manifest, or None when the directory holds none (a new store)."""
+    path = os.path.join(directory, FILE_NAME)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return None
+    line, _, data = raw.partition(b"\n")
+    parts = line.decode(errors="replace").split(" ")
+    if len(parts) != 4 or parts[0] != MAGIC:
+        raise CorruptionError(path, 0, f"bad manifest header {line[:40]!r}")
+    if parts[1] != str(VERSION):
+        raise CorruptionError(path, 0, f"manifest version {parts[1]}, this mlkv reads version {VERSION}")
+    if len(data) != int(parts[3]) or f"{zlib.crc32(data):08x}" != parts[2]:
+        raise CorruptionError(path, len(line) + 1, "manifest body fails its length/CRC-32 check")
+    return json.loads(data)

@@ -1,0 +1,273 @@
+"""SlabEngine: the default engine. Each table is a SlotFile plus a vectorised in-memory key -> slot index.
+
+Crash consistency by shadow slots: a slot that the last checkpoint references is never overwritten. The
+first write of a key after a checkpoint goes to a fresh slot (later writes in the same epoch update that
+slot in place, like FASTER's mutable region); the old slot is freed only once the next checkpoint has
+committed. A checkpoint fsyncs the slot files, appends the changed (key, slot) pairs to each table's index
+log, and commits by replacing the manifest. After a crash, the manifest's index is exactly the last
+checkpoint and every slot it names still holds that checkpoint's bytes; slots written later are free space.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from ..errors import CorruptionError, ReadOnlyError
+from . import index_log
+from .base import Engine
+from .key_index import KeyIndex
+from .manifest import read_manifest, write_manifest
+from .slot_file import SlotFile
+
+_MIN_LOG_BYTES = 1 << 20
+
+
+class _SlabTable:
+    """One table's slot file, index, and the bookkeeping that keeps checkpointed slots intact."""
+
+    def __init__(self, directory: str, tid: int, row_bytes: int, state: dict | None, readonly: bool):
+        self.directory = directory
+        self.tid = tid
+        self.row_bytes = row_bytes
+        self.file = SlotFile(self._path("slab"), row_bytes, readonly)
+        self.gen = state["gen"] if state else 0
+        self.log_len = state["log_len"] if state else 0
+        self.snapshot_pairs = state["snapshot_pairs"] if state else 0
+        self.n_slots = state["n_slots"] if state else 0
+        snap = self._path(f"{self.gen}.snap") if state and state["has_snapshot"] else None
+        keys, slots = index_log.load(snap, self._path(f"{self.gen}.log"), self.log_len)
+        if len(slots) and int(slots.max()) >= self.n_slots:
+            raise CorruptionError(self._path(f"{self.gen}.log"), 0, "index names a slot past the table end")
+        self.index = KeyIndex(2 * len(keys))
+        self.index.insert_new(keys, slots)
+        self.file.ensure_capacity(self.n_slots)
+        self.frozen = np.zeros(self.file.capacity, dtype=bool)
+        self.frozen[slots] = True
+        self.free = np.flatnonzero(~self.frozen[: self.n_slots])
+        self.pending_free: list[np.ndarray] = []
+        self.changed: list[np.ndarray] = []
+        self.has_snapshot = bool(state and state["has_snapshot"])
+
+    def _path(self, suffix: str) -> str:
+        return os.path.join(self.directory, f"t{self.tid}.{suffix}")
+
+    def state(self) -> dict:
+        return {
+            "id": self.tid,
+            "row_bytes": self.row_bytes,
+            "gen": self.gen,
+            "log_len": self.log_len,
+            "n_slots": self.n_slots,
+            "has_snapshot": self.has_snapshot,
+            "snapshot_pairs": self.snapshot_pairs,
+        }
+
+    def files(self) -> set[str]:
+        names = {f"t{self.tid}.slab", f"t{self.tid}.{self.gen}.log"}
+        if self.has_snapshot:
+            names.add(f"t{self.tid}.{self.gen}.snap")
+        return names
+
+    def _allocate(self, n: int) -> np.ndarray:
+        take = min(n, len(self.free))
+        slots = self.free[len(self.free) - take :]
+        self.free = self.free[: len(self.free) - take]
+        if take < n:
+            extra = np.arange(self.n_slots, self.n_slots + n - take, dtype=np.int64)
+            self.n_slots += n - take
+            self.file.ensure_capacity(self.n_slots)
+            if self.file.capacity > len(self.frozen):
+                grown = np.zeros(self.file.capacity, dtype=bool)
+                grown[: len(self.frozen)] = self.frozen
+                self.frozen = grown
+            slots = np.concatenate([slots, extra])
+        return slots
+
+    def write(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        slots = self.index.lookup(keys)
+        exists = slots >= 0
+        shadow = ~exists | self.frozen[np.where(exists, slots, 0)] & exists
+        if shadow.any():
+            old = slots[shadow & exists]
+            if len(old):
+                self.pending_free.append(old)
+            fresh = self._allocate(int(shadow.sum()))
+            slots[shadow] = fresh
+            self.index.assign(keys[shadow], fresh)
+        self.file.write(keys, slots, rows)
+        self.changed.append(keys.copy())
+
+    def delete(self, keys: np.ndarray) -> None:
+        old = self.index.remove(keys)
+        old = old[old >= 0]
+        frozen = self.frozen[old]
+        self.pending_free.append(old[frozen])
+        self.free = np.concatenate([self.free, old[~frozen]])
+        self.changed.append(keys.copy())
+
+    def read(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        slots = self.index.lookup(keys)
+        found = slots >= 0
+        rows = np.zeros((len(keys), self.row_bytes), dtype=np.uint8)
+        if found.any():
+            rows[found] = self.file.read(keys[found], slots[found])
+        return rows, found
+
+    def checkpoint(self, ckpt: int) -> None:
+        """Make this table's epoch durable up to (not including) the manifest commit."""
+        if not self.changed:
+            return
+        self.file.sync()
+        keys = np.unique(np.concatenate(self.changed))
+        slots = self.index.lookup(keys)
+        if self.log_len + 16 * len(keys) > max(16 * self.snapshot_pairs, _MIN_LOG_BYTES):
+            live_k, live_s = self.index.items()
+            self.gen += 1
+            index_log.write_snapshot(self._path(f"{self.gen}.snap"), ckpt, live_k, live_s)
+            self.has_snapshot = True
+            self.snapshot_pairs = len(live_k)
+            self.log_len = 0
+            open(self._path(f"{self.gen}.log"), "wb").close()
+        else:
+            self.log_len = index_log.append_log(self._path(f"{self.gen}.log"), ckpt, keys, slots)
+        self._epoch_slots = slots[slots >= 0]
+
+    def committed(self) -> None:
+        """The manifest now names this epoch: freeze its slots, free the ones it replaced."""
+        if not self.changed:
+            return
+        self.frozen[self._epoch_slots] = True
+        if self.pending_free:
+            old = np.concatenate(self.pending_free)
+            self.frozen[old] = False
+            self.free = np.concatenate([self.free, old])
+        self.pending_free.clear()
+        self.changed.clear()
+
+    def verify(self) -> list[str]:
+        keys, slots = self.index.items()
+        order = np.argsort(slots)
+        return self.file.verify_slots(keys[order], slots[order])
+
+    def scan(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        keys, slots = self.index.items()
+        order = np.argsort(slots)  # file order: a sequential read
+        keys, slots = keys[order], slots[order]
+        for i in range(0, len(keys), batch_size):
+            k = keys[i : i + batch_size]
+            yield k, np.ascontiguousarray(self.file.read(k, slots[i : i + batch_size]))
+
+
+class SlabEngine(Engine):
+    name = "slab"
+
+    def __init__(self, path: str, readonly: bool = False):
+        self.path = path
+        self.readonly = readonly
+        os.makedirs(path, exist_ok=True)
+        start = time.perf_counter()
+        manifest = read_manifest(path)
+        self._meta = manifest["meta"] if manifest else None
+        self._next_id = manifest["next_id"] if manifest else 0
+        self._tables: dict[str, _SlabTable] = {}
+        for name, st in (manifest["tables"] if manifest else {}).items():
+            self._tables[name] = _SlabTable(path, st["id"], st["row_bytes"], st, readonly)
+        self._dropped: list[_SlabTable] = []
+        if not readonly:
+            self._remove_orphans()
+        self.recovery_seconds = time.perf_counter() - start
+
+    def _remove_orphans(self) -> None:
+        """Delete table files that no committed checkpoint names (written after it, or superseded)."""
+        keep = {"MANIFEST", "LOCK"}
+        for t in self._tables.values():
+            keep |= t.files()
+        for f in os.listdir(self.path):
+            if f.startswith("t") and f.split(".")[-1] in ("slab", "snap", "log") and f not in keep:
+                os.remove(os.path.join(self.path, f))
+
+    def _writable(self) -> None:
+        if self.readonly:
+            raise ReadOnlyError(f"{self.path} is open readonly")
+
+    def create_table(self, table: str, row_bytes: int) -> None:
+        if table in self._tables:
+            return
+        self._writable()
+        self._tables[table] = _SlabTable(self.path, self._next_id, row_bytes, None, False)
+        self._tables[table].changed.append(np.empty(0, np.uint64))  # a new table is part of the next epoch
+        self._next_id += 1
+
+    def drop_table(self, table: str) -> None:
+        self._writable()
+        self._dropped.append(self._tables.pop(table))
+
+    def tables(self) -> dict[str, int]:
+        return {name: t.row_bytes for name, t in self._tables.items()}
+
+    def read(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._tables[table].read(keys)
+
+    def write(self, table: str, keys: np.ndarray, rows: np.ndarray) -> None:
+        self._writable()
+        if len(keys):
+            self._tables[table].write(keys, rows)
+
+    def delete(self, table: str, keys: np.ndarray) -> None:
+        self._writable()
+        if len(keys):
+            self._tables[table].delete(keys)
+
+    def contains(self, table: str, keys: np.ndarray) -> np.ndarray:
+        return self._tables[table].index.lookup(keys) >= 0
+
+    def count(self, table: str) -> int:
+        return len(self._tables[table].index)
+
+    def scan(self, table: str, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return self._tables[table].scan(batch_size)
+
+    def checkpoint(self, meta: dict) -> None:
+        self._writable()
+        ckpt = int(meta.get("checkpoint_id", 0))
+        for t in self._tables.values():
+            t.checkpoint(ckpt)
+        body = {
+            "engine": self.name,
+            "next_id": self._next_id,
+            "meta": meta,
+            "tables": {name: t.state() for name, t in self._tables.items()},
+        }
+        write_manifest(self.path, body)
+        self._meta = meta
+        for t in self._tables.values():
+            t.committed()
+        for t in self._dropped:
+            t.file.close()
+        self._dropped.clear()
+        self._remove_orphans()
+
+    def committed_meta(self) -> dict | None:
+        return self._meta
+
+    def verify(self) -> list[str]:
+        problems = []
+        for t in self._tables.values():
+            problems += t.verify()
+        return problems
+
+    def disk_bytes(self) -> int:
+        return sum(os.path.getsize(os.path.join(self.path, f)) for f in os.listdir(self.path))
+
+    def evict_page_cache(self) -> None:
+        for t in self._tables.values():
+            t.file.drop_page_cache()
+
+    def close(self) -> None:
+        for t in list(self._tables.values()) + self._dropped:
+            t.file.close()
+        self._tables.clear()

@@ -1,0 +1,34 @@
+"""Every error mlkv raises derives from MlkvError, and from the matching builtin where one fits."""
+
+
+class MlkvError(Exception):
+    """Base class of all mlkv errors."""
+
+
+class SchemaError(MlkvError, ValueError):
+    """A table was opened with a schema (dim, dtype, optimizer kind) different from the stored one."""
+
+
+class CorruptionError(MlkvError):
+    """An on-disk structure failed its magic, version, length or checksum test."""
+
+    def __init__(self, file: str, offset: int, what: str):
+        super().__init__(f"{file}: corrupt at offset {offset}: {what}")
+        self.file = file
+        self.offset = offset
+
+
+class StoreLockedError(MlkvError):
+    """Another writer holds the store."""
+
+
+class StoreClosedError(MlkvError, RuntimeError):
+    """The store (or one of its tables) was used after close()."""
+
+
+class ReadOnlyError(MlkvError, PermissionError):
+    """A write was attempted on a store opened with readonly=True."""
+
+
+class StalenessTimeout(MlkvError, TimeoutError):
+    """A tracked read waited longer than staleness_timeout for outstanding reads to resolve."""

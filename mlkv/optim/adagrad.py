@@ -1,0 +1,55 @@
+"""Adagrad with one accumulator per weight, matching torch.optim.Adagrad on sparse gradients.
+
+The float32 operation order mirrors torch's sparse branch (`_single_tensor_adagrad`):
+sum += g*g; std = sqrt(sum) + eps; w += -lr * (g / std).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .base import Optimizer, check_real, split_rows
+
+
+@dataclass(frozen=True)
+class Adagrad(Optimizer):
+    lr: float
+    eps: float = 1e-10
+    initial_accumulator_value: float = 0.0
+
+    kind: ClassVar[str] = "adagrad"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lr", check_real("lr", self.lr, low=0.0, low_inclusive=False))
+        object.__setattr__(self, "eps", check_real("eps", self.eps, low=0.0, low_inclusive=True))
+        value = check_real("initial_accumulator_value", self.initial_accumulator_value, low=0.0, low_inclusive=True)
+        object.__setattr__(self, "initial_accumulator_value", value)
+
+    def state_width(self, dim: int) -> int:
+        return dim
+
+    def state_names(self, dim: int) -> dict[str, slice]:
+        return {"sum": slice(0, dim)}
+
+    def init_state(self, n: int, dim: int) -> np.ndarray:
+        return np.full((n, dim), self.initial_accumulator_value, dtype=np.float32)
+
+    def apply(self, rows: np.ndarray, grads: np.ndarray, step: int) -> None:
+        w, acc, g = split_rows(self, rows, grads)
+        acc += g * g
+        std = np.sqrt(acc)
+        std += np.float32(self.eps)
+        update = np.divide(g, std)
+        update *= np.float32(-self.lr)
+        w += update
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "lr": self.lr,
+            "eps": self.eps,
+            "initial_accumulator_value": self.initial_accumulator_value,
+        }

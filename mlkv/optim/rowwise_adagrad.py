@@ -1,0 +1,43 @@
+"""Row-wise Adagrad (FBGEMM's EXACT_ROWWISE_ADAGRAD): one accumulator per row instead of one per weight.
+
+It cuts the state from `dim` words to one, which matters when the table lives on disk:
+acc += mean(g*g over the row); w -= (lr / (sqrt(acc) + eps)) * g.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .base import Optimizer, check_real, split_rows
+
+
+@dataclass(frozen=True)
+class RowWiseAdagrad(Optimizer):
+    lr: float
+    eps: float = 1e-10
+
+    kind: ClassVar[str] = "rowwise_adagrad"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lr", check_real("lr", self.lr, low=0.0, low_inclusive=False))
+        object.__setattr__(self, "eps", check_real("eps", self.eps, low=0.0, low_inclusive=True))
+
+    def state_width(self, dim: int) -> int:
+        return 1
+
+    def state_names(self, dim: int) -> dict[str, slice]:
+        return {"sum": slice(0, 1)}
+
+    def apply(self, rows: np.ndarray, grads: np.ndarray, step: int) -> None:
+        w, acc, g = split_rows(self, rows, grads)
+        if g.shape[1] == 0:
+            return
+        acc += np.mean(g * g, axis=1, keepdims=True)
+        multiplier = np.float32(self.lr) / (np.sqrt(acc) + np.float32(self.eps))
+        w -= multiplier * g
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "lr": self.lr, "eps": self.eps}

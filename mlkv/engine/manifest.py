@@ -12,6 +12,7 @@ import os
 import zlib
 
 from ..errors import CorruptionError
+from ..faults import crash_point
 
 MAGIC = "MLKVMANIFEST"
 VERSION = 1
@@ -34,6 +35,7 @@ def write_manifest(directory: str, body: dict) -> None:
         f.write(header + data)
         f.flush()
         os.fsync(f.fileno())
+    crash_point("manifest:before_rename")
     os.replace(tmp, os.path.join(directory, FILE_NAME))
     fsync_dir(directory)
 

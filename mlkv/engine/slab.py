@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..errors import CorruptionError, ReadOnlyError
+from ..faults import crash_point
 from . import index_log
 from .base import Engine
 from .key_index import KeyIndex
@@ -122,6 +123,7 @@ class _SlabTable:
         if not self.changed:
             return
         self.file.sync()
+        crash_point("slab:after_sync")
         keys = np.unique(np.concatenate(self.changed))
         slots = self.index.lookup(keys)
         if self.log_len + 16 * len(keys) > max(16 * self.snapshot_pairs, _MIN_LOG_BYTES):
@@ -134,6 +136,7 @@ class _SlabTable:
             open(self._path(f"{self.gen}.log"), "wb").close()
         else:
             self.log_len = index_log.append_log(self._path(f"{self.gen}.log"), ckpt, keys, slots)
+        crash_point("slab:after_log")
         self._epoch_slots = slots[slots >= 0]
 
     def committed(self) -> None:
@@ -243,6 +246,7 @@ class SlabEngine(Engine):
             "tables": {name: t.state() for name, t in self._tables.items()},
         }
         write_manifest(self.path, body)
+        crash_point("manifest:after_rename")
         self._meta = meta
         for t in self._tables.values():
             t.committed()

@@ -12,6 +12,7 @@ import threading
 import time
 
 from ..engine import ENGINES, open_engine
+from ..faults import crash_point
 from ..errors import ReadOnlyError, SchemaError, StoreClosedError
 from ..init import init_from_config, resolve_init
 from ..optim import Optimizer, optimizer_from_config
@@ -216,6 +217,7 @@ class Store:
             self._check_writable()
             for t in self._tables.values():
                 t.flush()
+            crash_point("checkpoint:start")
             for name, t in self._tables.items():
                 self._schemas[name] = t.schema()
             ckpt = (self._last[0] if self._last else 0) + 1

@@ -30,5 +30,5 @@ class ReadOnlyError(MlkvError, PermissionError):
     """A write was attempted on a store opened with readonly=True."""
 
 
-class StalenessTimeout(MlkvError, TimeoutError):
+class StalenessTimeout(MlkvError, TimeoutError):  # noqa: N818 - the public name in API.md
     """A tracked read waited longer than staleness_timeout for outstanding reads to resolve."""

@@ -4,9 +4,9 @@ Why not a dict: a Python dict lookup of 50 K keys costs ~16 ms, more than gather
 operation works on a whole batch of keys with numpy: each probe round is a handful of array operations over
 the keys still unresolved, so a batch costs O(rounds) numpy calls, not O(keys) Python steps.
 
-Layout: linear probing, Fibonacci-hashed, over two arrays, `keys` (uint64) and `vals` (int64). The full 64-bit key range is
-valid, so emptiness lives in `vals`: EMPTY (-1) ends a probe chain, TOMBSTONE (-2) marks a deleted entry that
-chains continue through. Load (live + tombstones) is kept <= 1/2 by growing or rebuilding.
+Layout: linear probing, Fibonacci-hashed, over two arrays, `keys` (uint64) and `vals` (int64). The full
+64-bit key range is valid, so emptiness lives in `vals`: EMPTY (-1) ends a probe chain, TOMBSTONE (-2)
+marks a deleted entry that chains continue through. Load (live + tombstones) stays <= 1/2 (grow or rebuild).
 Memory: 16 bytes per table position, 32-64 bytes per live key.
 """
 

@@ -10,6 +10,7 @@ sorted by slot so dirty pages are touched in file order. Durability is the calle
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
@@ -151,8 +152,6 @@ class SlotFile:
 
     def close(self) -> None:
         self.slots = None
-        try:
+        with contextlib.suppress(BufferError):  # a caller still holds a view; the mapping goes when it does
             self.mm.close()
-        except BufferError:
-            pass  # a caller still holds a view; the mapping goes when it does
         os.close(self.fd)

@@ -27,7 +27,9 @@ class StoreLock:
             if not readonly:
                 with _MEMORY_LOCK:
                     if self.key in _MEMORY_WRITERS:
-                        raise StoreLockedError(f"{path} is already open for writing in this process (pid {os.getpid()})")
+                        raise StoreLockedError(
+                            f"{path} is already open for writing in this process (pid {os.getpid()})"
+                        )
                     _MEMORY_WRITERS.add(self.key)
             return
         self.fd = os.open(os.path.join(path, "LOCK"), os.O_RDWR | os.O_CREAT, 0o644)

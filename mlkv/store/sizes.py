@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import re
 
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
-    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
-}  # fmt: skip
+_DECIMAL = {"k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+_UNITS = {"": 1, "b": 1}
+for _p, _n in _DECIMAL.items():
+    _UNITS |= {_p: _n, _p + "b": _n, _p + "ib": 1024 ** "kmgt".index(_p) * 1024}
 
 
 def parse_bytes(value: int | str, name: str = "cache_bytes") -> int:

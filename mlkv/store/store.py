@@ -12,8 +12,8 @@ import threading
 import time
 
 from ..engine import ENGINES, open_engine
-from ..faults import crash_point
 from ..errors import ReadOnlyError, SchemaError, StoreClosedError
+from ..faults import crash_point
 from ..init import init_from_config, resolve_init
 from ..optim import Optimizer, optimizer_from_config
 from .lock import StoreLock
@@ -126,7 +126,9 @@ class Store:
         if dtype != "float32":
             raise ValueError(f"dtype must be 'float32' (the only row dtype stored so far), got {dtype!r}")
         if optimizer is not None and not isinstance(optimizer, Optimizer):
-            raise TypeError(f"optimizer must be an mlkv.optim optimizer or None, got {type(optimizer).__name__}")
+            raise TypeError(
+                f"optimizer must be an mlkv.optim optimizer or None, got {type(optimizer).__name__}"
+            )
         if staleness_bound is not None and (not isinstance(staleness_bound, int) or staleness_bound < 0):
             raise ValueError(f"staleness_bound must be an int >= 0 or None, got {staleness_bound!r}")
         init_fn, init_cfg = resolve_init(init)
@@ -178,7 +180,9 @@ class Store:
             return optimizer_from_config(stored) if stored else None
         if stored is None or stored["kind"] != optimizer.kind:
             was = stored["kind"] if stored else None
-            raise SchemaError(f"table {name!r} has optimizer {was!r}, opened with optimizer {optimizer.kind!r}")
+            raise SchemaError(
+                f"table {name!r} has optimizer {was!r}, opened with optimizer {optimizer.kind!r}"
+            )
         return optimizer
 
     def tables(self) -> list[str]:

@@ -59,7 +59,7 @@ class Table:
         return rows
 
     def _fetch(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Rows of distinct keys absent from the tier: from the engine, or from init. Returns (rows, fresh)."""
+        """Rows of distinct keys absent from the tier, from the engine or from init: (rows, fresh)."""
         st = self._store
         t0 = time.perf_counter()
         raw, found = st._engine.read(self.name, keys)
@@ -270,14 +270,18 @@ class Table:
             return {name: state[:, sl].copy() for name, sl in self.optimizer.state_names(self.dim).items()}
 
     def export(self, path: str) -> int:
-        """Write keys (int64) and weights (n, dim) float32 as .safetensors, streaming; returns rows written."""
+        """Stream keys (int64) and weights (n, dim) float32 into a .safetensors file; return the row count."""
         st = self._store
         with st._lock:
             st._check_open(self)
             n = len(self)
         header = {
             "keys": {"dtype": "I64", "shape": [n], "data_offsets": [0, 8 * n]},
-            "weights": {"dtype": "F32", "shape": [n, self.dim], "data_offsets": [8 * n, 8 * n + 4 * n * self.dim]},
+            "weights": {
+                "dtype": "F32",
+                "shape": [n, self.dim],
+                "data_offsets": [8 * n, 8 * n + 4 * n * self.dim],
+            },
             "__metadata__": {"table": self.name, "dim": str(self.dim)},
         }
         head = json.dumps(header).encode()

@@ -51,5 +51,7 @@ def as_rows(values, n: int, dim: int, what: str) -> np.ndarray:
     finite = np.isfinite(arr)
     if not finite.all():
         bad = np.flatnonzero(~finite.all(axis=1))
-        raise ValueError(f"{what} hold NaN or inf in {len(bad)} rows (first: row {int(bad[0])}); nothing was written")
+        raise ValueError(
+            f"{what} hold NaN or inf in {len(bad)} rows (first: row {int(bad[0])}); nothing was written"
+        )
     return arr

@@ -32,3 +32,18 @@ class ReadOnlyError(MlkvError, PermissionError):
 
 class StalenessTimeout(MlkvError, TimeoutError):  # noqa: N818 - the public name in API.md
     """A tracked read waited longer than staleness_timeout for outstanding reads to resolve."""
+
+
+class InvalidArgumentError(MlkvError, ValueError):
+    """An argument has the right type but a wrong value or shape (the message names expected and received)."""
+
+
+class InvalidTypeError(MlkvError, TypeError):
+    """An argument has the wrong type or dtype (the message names expected and received)."""
+
+
+class UnknownTableError(MlkvError, KeyError):
+    """No table of that name exists in the store (the message lists the tables)."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])

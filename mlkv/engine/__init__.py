@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from ..errors import InvalidArgumentError
 from .base import Engine
 
 ENGINES = ("slab", "rocksdb", "memory")
@@ -23,7 +24,7 @@ def open_engine(name: str, path: str, readonly: bool = False) -> Engine:
         from .memory import MemoryEngine
 
         return MemoryEngine(path, readonly)
-    raise ValueError(f"engine must be one of {ENGINES}, got {name!r}")
+    raise InvalidArgumentError(f"engine must be one of {ENGINES}, got {name!r}")
 
 
 __all__ = ["ENGINES", "Engine", "open_engine"]

@@ -24,8 +24,11 @@ class Adagrad(Optimizer):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr", check_real("lr", self.lr, low=0.0, low_inclusive=False))
-        object.__setattr__(self, "eps", check_real("eps", self.eps, low=0.0, low_inclusive=True))
-        value = check_real("initial_accumulator_value", self.initial_accumulator_value, low=0.0, low_inclusive=True)
+        # eps > 0 (torch allows 0): a zero gradient on a zero accumulator must give 0, not 0/0 = nan
+        object.__setattr__(self, "eps", check_real("eps", self.eps, low=0.0, low_inclusive=False))
+        value = check_real(
+            "initial_accumulator_value", self.initial_accumulator_value, low=0.0, low_inclusive=True
+        )
         object.__setattr__(self, "initial_accumulator_value", value)
 
     def state_width(self, dim: int) -> int:

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..errors import InvalidArgumentError
 from .base import Optimizer, check_real, split_rows
 
 
@@ -32,7 +33,7 @@ class Adam(Optimizer):
         object.__setattr__(self, "eps", check_real("eps", self.eps, low=0.0, low_inclusive=False))
         betas = self.betas
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2) in [0, 1), got {betas!r}")
+            raise InvalidArgumentError(f"betas must be a pair (beta1, beta2) in [0, 1), got {betas!r}")
         b1 = check_real("betas[0]", betas[0], low=0.0, low_inclusive=True, high=1.0)
         b2 = check_real("betas[1]", betas[1], low=0.0, low_inclusive=True, high=1.0)
         object.__setattr__(self, "betas", (b1, b2))
@@ -45,7 +46,9 @@ class Adam(Optimizer):
 
     def apply(self, rows: np.ndarray, grads: np.ndarray, step: int) -> None:
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
-            raise ValueError(f"step must be an integer >= 1 (the table's update count), got {step!r}")
+            raise InvalidArgumentError(
+                f"step must be an integer >= 1 (the table's update count), got {step!r}"
+            )
         w, state, g = split_rows(self, rows, grads)
         dim = g.shape[1]
         m, v = state[:, :dim], state[:, dim:]

@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..errors import InvalidArgumentError, InvalidTypeError
+
 
 class Optimizer(ABC):
     """Base class of the row-wise optimizers; subclasses are frozen dataclasses of their hyperparameters."""
@@ -43,17 +45,23 @@ class Optimizer(ABC):
         """JSON-able `{"kind": ..., **hyperparameters}`, persisted in the store schema."""
 
 
-def split_rows(opt: Optimizer, rows: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_rows(
+    opt: Optimizer, rows: np.ndarray, grads: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Check shapes and return (weights view, state view, float32 grads) for an `apply` call."""
     if not isinstance(rows, np.ndarray) or rows.dtype != np.float32:
-        raise TypeError(f"rows must be a float32 numpy array, got {getattr(rows, 'dtype', type(rows).__name__)}")
+        raise InvalidTypeError(
+            f"rows must be a float32 numpy array, got {getattr(rows, 'dtype', type(rows).__name__)}"
+        )
     grads = np.asarray(grads, dtype=np.float32)
     if grads.ndim != 2:
-        raise ValueError(f"grads must be 2-D (n, dim), got shape {grads.shape}")
+        raise InvalidArgumentError(f"grads must be 2-D (n, dim), got shape {grads.shape}")
     n, dim = grads.shape
     expected = (n, dim + opt.state_width(dim))
     if rows.shape != expected:
-        raise ValueError(f"rows must have shape {expected} for {opt.kind} with dim={dim}, got {rows.shape}")
+        raise InvalidArgumentError(
+            f"rows must have shape {expected} for {opt.kind} with dim={dim}, got {rows.shape}"
+        )
     return rows[:, :dim], rows[:, dim:], grads
 
 
@@ -64,5 +72,5 @@ def check_real(name: str, value: Any, *, low: float, low_inclusive: bool, high: 
     above = v >= low if low_inclusive else v > low
     if not (ok and math.isfinite(v) and above and v < high):
         lo = "[" if low_inclusive else "("
-        raise ValueError(f"{name} must be a finite number in {lo}{low}, {high}), got {value!r}")
+        raise InvalidArgumentError(f"{name} must be a finite number in {lo}{low}, {high}), got {value!r}")
     return v

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import InvalidArgumentError
 from .adagrad import Adagrad
 from .adam import Adam
 from .base import Optimizer
@@ -16,12 +17,12 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {cls.kind: cls for cls in (SGD, Adagrad
 def optimizer_from_config(cfg: dict[str, Any]) -> Optimizer:
     """The optimizer described by `cfg` (as returned by `Optimizer.config()`)."""
     if not isinstance(cfg, dict) or "kind" not in cfg:
-        raise ValueError(f"optimizer config must be a dict with a 'kind' key, got {cfg!r}")
+        raise InvalidArgumentError(f"optimizer config must be a dict with a 'kind' key, got {cfg!r}")
     params = dict(cfg)
     kind = params.pop("kind")
     if kind not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer kind {kind!r}; expected one of {sorted(OPTIMIZERS)}")
+        raise InvalidArgumentError(f"unknown optimizer kind {kind!r}; expected one of {sorted(OPTIMIZERS)}")
     try:
         return OPTIMIZERS[kind](**params)
     except TypeError as e:
-        raise ValueError(f"bad {kind} optimizer config {cfg!r}: {e}") from None
+        raise InvalidArgumentError(f"bad {kind} optimizer config {cfg!r}: {e}") from None

@@ -12,7 +12,14 @@ import threading
 import time
 
 from ..engine import ENGINES, open_engine
-from ..errors import ReadOnlyError, SchemaError, StoreClosedError
+from ..errors import (
+    InvalidArgumentError,
+    InvalidTypeError,
+    ReadOnlyError,
+    SchemaError,
+    StoreClosedError,
+    UnknownTableError,
+)
 from ..faults import crash_point
 from ..init import init_from_config, resolve_init
 from ..optim import Optimizer, optimizer_from_config
@@ -59,11 +66,11 @@ class Store:
     ):
         path = os.fspath(path)
         if engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+            raise InvalidArgumentError(f"engine must be one of {ENGINES}, got {engine!r}")
         if isinstance(staleness_bound, bool) or not isinstance(staleness_bound, int) or staleness_bound < 0:
-            raise ValueError(f"staleness_bound must be an int >= 0, got {staleness_bound!r}")
+            raise InvalidArgumentError(f"staleness_bound must be an int >= 0, got {staleness_bound!r}")
         if not isinstance(staleness_timeout, (int, float)) or staleness_timeout <= 0:
-            raise ValueError(f"staleness_timeout must be a number > 0, got {staleness_timeout!r}")
+            raise InvalidArgumentError(f"staleness_timeout must be a number > 0, got {staleness_timeout!r}")
         self.path = path
         self.cache_bytes = parse_bytes(cache_bytes)
         self.engine_name = engine
@@ -120,24 +127,30 @@ class Store:
     ) -> Table:
         """Open table `name`, creating it when it does not exist (then `dim` is required)."""
         if not isinstance(name, str) or not name:
-            raise ValueError(f"table name must be a non-empty str, got {name!r}")
+            raise InvalidArgumentError(f"table name must be a non-empty str, got {name!r}")
         if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0):
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
+            raise InvalidArgumentError(f"dim must be a positive int, got {dim!r}")
         if dtype != "float32":
-            raise ValueError(f"dtype must be 'float32' (the only row dtype stored so far), got {dtype!r}")
+            raise InvalidArgumentError(
+                f"dtype must be 'float32' (the only row dtype stored so far), got {dtype!r}"
+            )
         if optimizer is not None and not isinstance(optimizer, Optimizer):
-            raise TypeError(
+            raise InvalidTypeError(
                 f"optimizer must be an mlkv.optim optimizer or None, got {type(optimizer).__name__}"
             )
         if staleness_bound is not None and (not isinstance(staleness_bound, int) or staleness_bound < 0):
-            raise ValueError(f"staleness_bound must be an int >= 0 or None, got {staleness_bound!r}")
+            raise InvalidArgumentError(
+                f"staleness_bound must be an int >= 0 or None, got {staleness_bound!r}"
+            )
         init_fn, init_cfg = resolve_init(init)
         with self._lock:
             self._check_open()
             schema = self._schemas.get(name)
             if schema is None:
                 if dim is None:
-                    raise KeyError(f"no table {name!r} in {self.path}; tables: {sorted(self._schemas)}")
+                    raise UnknownTableError(
+                        f"no table {name!r} in {self.path}; tables: {sorted(self._schemas)}"
+                    )
                 if self.readonly:
                     raise ReadOnlyError(f"cannot create table {name!r}: store {self.path} is open readonly")
                 schema = {
@@ -194,7 +207,7 @@ class Store:
         with self._lock:
             self._check_writable()
             if name not in self._schemas:
-                raise KeyError(f"no table {name!r} in {self.path}; tables: {sorted(self._schemas)}")
+                raise UnknownTableError(f"no table {name!r} in {self.path}; tables: {sorted(self._schemas)}")
             t = self._tables.pop(name, None)
             if t is not None:
                 self._budget.unregister(t)
@@ -216,7 +229,7 @@ class Store:
         try:
             json.dumps(metadata)
         except (TypeError, ValueError) as e:
-            raise TypeError(f"checkpoint metadata must be JSON-serialisable: {e}") from None
+            raise InvalidTypeError(f"checkpoint metadata must be JSON-serialisable: {e}") from None
         with self._lock:
             self._check_writable()
             for t in self._tables.values():

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import MlkvError
+from ..errors import InvalidArgumentError, MlkvError
 from .memory_tier import MemoryTier
 from .validate import as_keys, as_rows
 
@@ -244,7 +244,7 @@ class Table:
     def items(self, batch_size: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every (keys, embeddings) of the table, in batches; flushes the tier first."""
         if not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+            raise InvalidArgumentError(f"batch_size must be a positive int, got {batch_size!r}")
         st = self._store
         with st._lock:
             st._check_open(self)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import InvalidArgumentError, InvalidTypeError
+
 
 def _to_numpy(x):
     if type(x).__module__.startswith("torch"):
@@ -18,18 +20,20 @@ def as_keys(keys) -> np.ndarray:
         try:
             arr = np.asarray(arr)
         except (OverflowError, ValueError) as e:
-            raise TypeError(f"keys must be a 1-D integer array of int64 or uint64 values: {e}") from None
+            raise InvalidTypeError(
+                f"keys must be a 1-D integer array of int64 or uint64 values: {e}"
+            ) from None
         if arr.dtype == object:
             try:
                 arr = np.asarray(keys, dtype=np.uint64)
             except (OverflowError, TypeError, ValueError):
-                raise TypeError("keys must be integers in the int64 or uint64 range") from None
+                raise InvalidTypeError("keys must be integers in the int64 or uint64 range") from None
         if arr.size == 0:
             arr = arr.astype(np.uint64)
     if arr.dtype.kind not in "iu" or arr.dtype == np.bool_:
-        raise TypeError(f"keys must have an integer dtype (int64 or uint64), got {arr.dtype}")
+        raise InvalidTypeError(f"keys must have an integer dtype (int64 or uint64), got {arr.dtype}")
     if arr.ndim != 1:
-        raise ValueError(f"keys must be 1-D of shape (n,), got shape {arr.shape}")
+        raise InvalidArgumentError(f"keys must be 1-D of shape (n,), got shape {arr.shape}")
     if arr.dtype == np.uint64:
         return arr
     if arr.dtype == np.int64:
@@ -45,13 +49,13 @@ def as_rows(values, n: int, dim: int, what: str) -> np.ndarray:
     if not isinstance(arr, np.ndarray):
         arr = np.asarray(arr)
     if arr.dtype != np.float32:
-        raise TypeError(f"{what} must have dtype float32, got {arr.dtype}")
+        raise InvalidTypeError(f"{what} must have dtype float32, got {arr.dtype}")
     if arr.shape != (n, dim):
-        raise ValueError(f"{what} must have shape ({n}, {dim}) for {n} keys, got {arr.shape}")
+        raise InvalidArgumentError(f"{what} must have shape ({n}, {dim}) for {n} keys, got {arr.shape}")
     finite = np.isfinite(arr)
     if not finite.all():
         bad = np.flatnonzero(~finite.all(axis=1))
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{what} hold NaN or inf in {len(bad)} rows (first: row {int(bad[0])}); nothing was written"
         )
     return arr

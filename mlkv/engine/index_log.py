@@ -59,9 +59,19 @@ def write_snapshot(path: str, ckpt: int, keys: np.ndarray, slots: np.ndarray) ->
         os.fsync(f.fileno())
 
 
-def append_log(path: str, ckpt: int, keys: np.ndarray, slots: np.ndarray) -> int:
-    """Append one durable record; return the log's new length (what the manifest commits)."""
+def append_log(
+    path: str, ckpt: int, keys: np.ndarray, slots: np.ndarray, committed: int | None = None
+) -> int:
+    """Append one durable record; return the log's new length (what the manifest commits).
+
+    `committed`: the length the manifest committed. Anything past it is the record of a checkpoint that
+    crashed (or failed) before its manifest commit; it is cut off first, or the next commit would cover it.
+    """
     with open(path, "ab") as f:
+        if committed is not None and f.tell() != committed:
+            if f.tell() < committed:
+                raise CorruptionError(path, f.tell(), f"log shorter than the committed {committed} bytes")
+            f.truncate(committed)
         f.write(_pack(LOG_MAGIC, ckpt, keys, slots))
         f.flush()
         os.fsync(f.fileno())

@@ -38,7 +38,7 @@ class KeyIndex:
 
     def __init__(self, capacity: int = _MIN_CAPACITY):
         cap = _MIN_CAPACITY
-        while cap < capacity:
+        while cap < 4 * capacity:  # load <= 1/4 at the expected size: short probe chains
             cap *= 2
         self._alloc(cap)
 
@@ -138,6 +138,9 @@ class KeyIndex:
         old = np.where(found, self.vals[pos], EMPTY)
         self.vals[pos[found]] = TOMBSTONE
         self.live -= int(np.count_nonzero(found))
+        if self.live == 0 and self.used:  # emptied (an in-flight set, a reader's holds): drop the tombstones
+            self.vals.fill(EMPTY)
+            self.used = 0
         return old
 
     def items(self) -> tuple[np.ndarray, np.ndarray]:

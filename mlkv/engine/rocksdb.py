@@ -12,7 +12,10 @@ every staged entry into D, range-deletes the staging space and the D ranges of d
 M. Opening discards all staging with one range delete and loads the registry from M, so after a crash the
 state is exactly that of the last completed checkpoint, table creations and drops included. Staged writes
 skip the WAL: nothing ever needs them after a crash. Checkpoint cost follows the staged entries, not the
-table sizes. Table ids are never reused, so a dropped table's rows cannot resurface under a new table.
+table sizes, but every row is written twice (staging, then D), the checkpoint's batch holds all staged
+values in memory, and the dead staging copies stay on disk until RocksDB's background compaction drops
+them (right after a checkpoint of 1 M rows the directory was ~3x the data for a while). Table ids are never
+reused, so a dropped table's rows cannot resurface under a new table.
 
 Reads do one multi-get per batch, one key per requested key: an in-memory index of the keys staged since
 the last checkpoint (KeyIndex: key -> row or tombstone) says which space holds each key's current value,
@@ -34,7 +37,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
-from itertools import islice, takewhile
+from itertools import islice
 
 import numpy as np
 from rocksdict import (
@@ -45,6 +48,7 @@ from rocksdict import (
     DBRecoveryMode,
     Options,
     Rdict,
+    RdictIter,
     WriteBatch,
     WriteOptions,
 )
@@ -245,11 +249,9 @@ class RocksDBEngine(Engine):
             raise ValueError(f"keys must be 1-D, got shape {keys.shape}")
         if keys.dtype == np.uint64:
             return keys
-        if keys.dtype.kind in "iu" and (keys.size == 0 or keys.min() >= 0):
-            return keys.astype(np.uint64)
-        if keys.size == 0:
-            return keys.astype(np.uint64)
-        raise TypeError(f"keys must be uint64, got {keys.dtype}")
+        if keys.size and not (keys.dtype.kind in "iu" and keys.min() >= 0):
+            raise TypeError(f"keys must be uint64 (or non-negative integers), got {keys.dtype}")
+        return keys.astype(np.uint64)
 
     def _decode_rows(
         self, table: str, keys: np.ndarray, values: list, row_bytes: int
@@ -278,11 +280,34 @@ class RocksDBEngine(Engine):
         return rows, found
 
     def _range_items(self, space: bytes, table_id: int) -> Iterator[tuple[bytes, bytes]]:
-        # Bounds are checked here, not with ReadOptions.set_iterate_*_bound: in rocksdict 0.3.29 those
-        # bounds dangle once the Python bytes passed to them are freed, and iteration stops at random.
+        """(db key, value) of one table's range in one space, in key order, as of now (an iterator pins
+        its snapshot when created). The range end is checked here, not with ReadOptions.set_iterate_*_bound:
+        with rocksdict 0.3.29 such bounds were seen to end iteration early once the bytes given to them
+        were freed."""
         prefix = _prefix(space, table_id)
-        items = self._live_db().items(from_key=prefix)
-        return takewhile(lambda item: item[0].startswith(prefix), items)
+        it = self._live_db().iter()
+        it.seek(prefix)
+        return self._walk(it, prefix)
+
+    def _walk(self, it: RdictIter, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        while it.valid():
+            db_key = it.key()
+            if not db_key.startswith(prefix):
+                return
+            yield db_key, it.value()
+            it.next()
+        try:  # an iterator stops at a damaged block as it does at the end; only its status tells them apart
+            it.status()
+        except Exception as exc:
+            raise CorruptionError(self.path, 0, f"RocksDB iterator: {exc}") from exc
+
+    def _multi_get(self, db: Rdict, db_keys: list[bytes]) -> list:
+        try:
+            return db[db_keys]
+        except Exception as exc:  # rocksdict raises a bare Exception, with RocksDB's status as message
+            if "Corruption" in str(exc):
+                raise CorruptionError(self.path, 0, f"RocksDB read: {exc}") from exc
+            raise
 
     def _staged_chunks(self, table_id: int) -> Iterator[tuple[list[bytes], list[bytes], list]]:
         """(staged db keys, staged values, committed values of the same keys) in chunks of _CHUNK."""
@@ -294,7 +319,7 @@ class RocksDBEngine(Engine):
                 return
             staged_keys = [k for k, _ in chunk]
             data_keys = [_DATA + k[1:] for k in staged_keys]
-            yield data_keys, [v for _, v in chunk], db[data_keys]
+            yield data_keys, [v for _, v in chunk], self._multi_get(db, data_keys)
 
     # -- tables ----------------------------------------------------------------------------------------
 
@@ -342,14 +367,16 @@ class RocksDBEngine(Engine):
                 return np.zeros((0, row_bytes), dtype=np.uint8), np.zeros(0, dtype=bool)
             staged = self._staged.get(table_id)
             if staged is None:
-                values = db[_encode_keys(_DATA, table_id, keys)]
+                values = self._multi_get(db, _encode_keys(_DATA, table_id, keys))
             else:
                 state = staged.lookup(keys)
                 fetch = np.flatnonzero(state != _STAGED_TOMBSTONE)
                 space = np.where(state[fetch] == _STAGED_ROW, _STAGE[0], _DATA[0]).astype(np.uint8)
                 values = [None] * len(keys)
                 for i, value in zip(
-                    fetch.tolist(), db[_encode_keys(space, table_id, keys[fetch])], strict=True
+                    fetch.tolist(),
+                    self._multi_get(db, _encode_keys(space, table_id, keys[fetch])),
+                    strict=True,
                 ):
                     values[i] = value
         return self._decode_rows(table, keys, values, row_bytes)
@@ -488,8 +515,10 @@ class RocksDBEngine(Engine):
             committed = {tid: (name, rb) for name, (tid, rb) in self._committed_tables.items()}
             working = {tid: (name, rb) for name, (tid, rb) in self._tables.items()}
             seen: dict[int, int] = {}
+            it = db.iter()
+            it.seek_to_first()
             try:
-                for db_key, value in db.items():
+                for db_key, value in self._walk(it, b""):
                     if db_key == _META_KEY:
                         continue  # checked when the engine opened
                     space = db_key[:1]
@@ -511,8 +540,8 @@ class RocksDBEngine(Engine):
                         problems.append(f"table {name!r} {where} key {key}: {problem}")
                     if space == _DATA:
                         seen[table_id] = seen.get(table_id, 0) + 1
-            except Exception as exc:  # RocksDB's own block checksums and I/O errors surface here
-                problems.append(f"{self.path}: RocksDB read failed: {exc}")
+            except CorruptionError as exc:  # RocksDB's own block checksums fail here
+                problems.append(str(exc))
                 return problems
             for table_id, (name, _) in committed.items():
                 expected, found = self._committed_counts.get(table_id, 0), seen.get(table_id, 0)

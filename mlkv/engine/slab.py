@@ -135,7 +135,8 @@ class _SlabTable:
             self.log_len = 0
             open(self._path(f"{self.gen}.log"), "wb").close()
         else:
-            self.log_len = index_log.append_log(self._path(f"{self.gen}.log"), ckpt, keys, slots)
+            log = self._path(f"{self.gen}.log")
+            self.log_len = index_log.append_log(log, ckpt, keys, slots, committed=self.log_len)
         crash_point("slab:after_log")
         self._epoch_slots = slots[slots >= 0]
 
@@ -260,8 +261,8 @@ class SlabEngine(Engine):
 
     def verify(self) -> list[str]:
         problems = []
-        for t in self._tables.values():
-            problems += t.verify()
+        for name, t in self._tables.items():
+            problems += [f"table {name!r}: {p}" for p in t.verify()]
         return problems
 
     def disk_bytes(self) -> int:

@@ -2,13 +2,14 @@
 
 Each resident row is one float32 vector [embedding | optimizer state] in `data`, found through a vectorised
 KeyIndex (key -> slot). Per slot, beside the row: `dirty` (must be written back before it is dropped),
-`fresh` (created from init, not yet in the engine), `ref` (CLOCK's second-chance bit) and `pins` (in use:
-never evicted; the staleness counters of the next layer sit next to it). CLOCK rather than FIFO: a row read
-again since the hand last passed survives one more sweep, so a Zipf head stays resident.
+`ref` (CLOCK's second-chance bit), `pins` (in use by an operation in progress) and `announced` (how many
+look-ahead announcements have not been consumed yet). Pinned and announced rows are never evicted: rows a
+coming batch needs stay. CLOCK rather than FIFO: a row read again since the hand last passed survives one
+more sweep, so a Zipf head stays resident.
 
 The tier never touches the engine: `evict` hands the dirty victims back to its table, which writes them.
 Capacity is granted by the store's TierBudget, so the tiers of all tables share one byte budget.
-Memory per slot: row bytes + 8 (key) + 4 (pins) + 3 flags + 32 (index at load <= 1/2).
+Memory per slot: row bytes + 8 (key) + 8 (pins, announced) + 3 flags + 32 (index at load <= 1/2).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 
 from ..engine.key_index import KeyIndex
 
-SLOT_OVERHEAD_BYTES = 8 + 4 + 3 + 32
+SLOT_OVERHEAD_BYTES = 8 + 8 + 3 + 32
 
 
 class MemoryTier:
@@ -34,7 +35,7 @@ class MemoryTier:
         self.keys = np.zeros(cap, dtype=np.uint64)
         self.used = np.zeros(cap, dtype=bool)
         self.dirty = np.zeros(cap, dtype=bool)
-        self.fresh = np.zeros(cap, dtype=bool)
+        self.announced = np.zeros(cap, dtype=np.int32)
         self.ref = np.zeros(cap, dtype=bool)
         self.pins = np.zeros(cap, dtype=np.int32)
         self.free = np.arange(cap - 1, -1, -1, dtype=np.int64)
@@ -51,35 +52,36 @@ class MemoryTier:
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         return self.index.lookup(keys)
 
-    def resize(self, cap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Change capacity, compacting resident rows; shrinking drops the coldest unpinned rows first.
+    def resize(self, cap: int) -> tuple[np.ndarray, np.ndarray]:
+        """Change capacity, compacting resident rows; shrinking drops the coldest evictable rows first.
 
-        Returns the dirty rows that were dropped (keys, rows, fresh) for the caller to write back.
+        Returns the dirty rows that were dropped (keys, rows) for the caller to write back.
         """
-        dropped = _EMPTY_VICTIMS(self.width)
-        if self.resident > cap:
-            dropped = self.evict(self.resident - cap)
+        dropped = self.evict(self.resident - cap) if self.resident > cap else self._no_victims()
         slots = np.flatnonzero(self.used)
-        keep = (self.keys[slots], self.data[slots], self.dirty[slots], self.fresh[slots], self.pins[slots])
-        self._alloc(cap)
+        keep = (self.keys[slots], self.data[slots], self.dirty[slots], self.pins[slots], self.announced[slots])
+        self._alloc(max(cap, len(slots)))
         n = len(slots)
-        self.keys[:n], self.data[:n], self.dirty[:n], self.fresh[:n], self.pins[:n] = keep
+        self.keys[:n], self.data[:n], self.dirty[:n], self.pins[:n], self.announced[:n] = keep
         self.used[:n] = True
         self.ref[:n] = True
-        self.free = np.arange(cap - 1, n - 1, -1, dtype=np.int64)
+        self.free = np.arange(self.capacity - 1, n - 1, -1, dtype=np.int64)
         self.index = KeyIndex(2 * n)
         self.index.insert_new(self.keys[:n], np.arange(n, dtype=np.int64))
         self.hand = 0
         return dropped
 
-    def evict(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Free up to n slots by CLOCK over unpinned rows; return the dirty victims (keys, rows, fresh)."""
+    def evict(self, n: int, announced_too: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Free up to n slots by CLOCK over rows not pinned (and not announced, unless `announced_too`);
+        return the dirty victims (keys, rows)."""
         n = min(n, self.resident)
         chosen: list[np.ndarray] = []
         got, swept, cap = 0, 0, self.capacity
         while got < n and swept < 2 * cap + 1:  # two sweeps: the first clears every ref bit it passes
             window = (self.hand + np.arange(min(4096, cap))) % cap
             live = self.used[window] & (self.pins[window] == 0)
+            if not announced_too:
+                live &= self.announced[window] == 0
             cand = np.flatnonzero(live & ~self.ref[window])
             cut = int(cand[n - got - 1]) + 1 if len(cand) >= n - got else len(window)
             cand = cand[cand < cut]
@@ -92,27 +94,28 @@ class MemoryTier:
         slots = np.concatenate(chosen) if chosen else np.empty(0, np.int64)
         return self._drop(slots)
 
-    def _drop(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _no_victims(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.empty(0, np.uint64), np.empty((0, self.width), np.float32)
+
+    def _drop(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         dirty = slots[self.dirty[slots]]
-        out = (self.keys[dirty].copy(), self.data[dirty].copy(), self.fresh[dirty].copy())
+        out = (self.keys[dirty].copy(), self.data[dirty].copy())
         self.index.remove(self.keys[slots])
         self.used[slots] = False
         self.dirty[slots] = False
-        self.fresh[slots] = False
+        self.pins[slots] = 0
+        self.announced[slots] = 0
         self.free = np.concatenate([self.free, slots])
         return out
 
-    def remove(self, keys: np.ndarray) -> np.ndarray:
-        """Forget rows without writing them back (delete); return which keys were fresh."""
+    def remove(self, keys: np.ndarray) -> None:
+        """Forget rows of distinct keys without writing them back (delete)."""
         slots = self.index.lookup(keys)
-        hit = slots >= 0
-        fresh = np.zeros(len(keys), dtype=bool)
-        fresh[hit] = self.fresh[slots[hit]]
-        if hit.any():
-            self._drop(slots[hit])
-        return fresh
+        slots = slots[slots >= 0]
+        if len(slots):
+            self._drop(slots)
 
-    def admit(self, keys: np.ndarray, rows: np.ndarray, dirty: np.ndarray, fresh: np.ndarray) -> np.ndarray:
+    def admit(self, keys: np.ndarray, rows: np.ndarray, dirty: np.ndarray) -> np.ndarray:
         """Place distinct absent keys into free slots, as many as there are; return slots (-1: no room)."""
         k = min(len(keys), len(self.free))
         slots = np.full(len(keys), -1, dtype=np.int64)
@@ -124,24 +127,14 @@ class MemoryTier:
         self.data[s] = rows[:k]
         self.used[s] = True
         self.dirty[s] = dirty[:k]
-        self.fresh[s] = fresh[:k]
         self.ref[s] = True
         self.index.insert_new(keys[:k], s)
         slots[:k] = s
         return slots
 
-    def take_dirty(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """All dirty rows (keys, rows, fresh), now marked clean: what a flush writes back."""
+    def take_dirty(self) -> tuple[np.ndarray, np.ndarray]:
+        """All dirty rows (keys, rows), now marked clean: what a flush writes back."""
         slots = np.flatnonzero(self.dirty)
-        out = (self.keys[slots].copy(), self.data[slots].copy(), self.fresh[slots].copy())
+        out = (self.keys[slots].copy(), self.data[slots].copy())
         self.dirty[slots] = False
-        self.fresh[slots] = False
         return out
-
-    @property
-    def n_fresh(self) -> int:
-        return int(np.count_nonzero(self.fresh))
-
-
-def _EMPTY_VICTIMS(width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # noqa: N802
-    return np.empty(0, np.uint64), np.empty((0, width), np.float32), np.empty(0, bool)

@@ -10,9 +10,13 @@ import json
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 from ..engine import ENGINES, open_engine
 from ..errors import (
+    CorruptionError,
     InvalidArgumentError,
     InvalidTypeError,
     ReadOnlyError,
@@ -24,6 +28,8 @@ from ..faults import crash_point
 from ..init import init_from_config, resolve_init
 from ..optim import Optimizer, optimizer_from_config
 from .lock import StoreLock
+from .rwlock import RWLock
+from .writeback import PendingOp, WriteBack
 from .sizes import parse_bytes
 from .table import Table
 from .tier_budget import TierBudget
@@ -31,17 +37,26 @@ from .tier_budget import TierBudget
 FORMAT = 1
 _MARKER = "MLKV"
 _STAT_KEYS = (
-    "hits", "misses", "lookahead_rows", "evictions", "rows_written_back", "stall_seconds",
-    "staleness_waits", "staleness_wait_seconds", "bytes_read", "bytes_written",
+    "hits", "misses", "lookahead_rows", "lookahead_dropped", "lookahead_errors", "evictions",
+    "rows_written_back", "stall_seconds", "staleness_waits", "staleness_wait_seconds", "bytes_read",
+    "bytes_written",
 )  # fmt: skip
+#: bytes of evicted rows that may wait in the write-back queue: max(1 MiB, min(64 MiB, cache_bytes / 4))
+WRITEBACK_MIN_BYTES, WRITEBACK_MAX_BYTES = 1 << 20, 64 << 20
 
 
 def _check_marker(path: str, engine: str, create: bool) -> None:
     """Each store directory names its engine, so opening it with another engine is an error, not data loss."""
     marker = os.path.join(path, _MARKER)
     if os.path.exists(marker):
-        with open(marker) as f:
-            found = json.load(f)
+        with open(marker, "rb") as f:
+            raw = f.read()
+        try:
+            found = json.loads(raw)
+        except ValueError:
+            found = None
+        if not isinstance(found, dict) or found.get("engine") not in ENGINES:
+            raise CorruptionError(marker, 0, f"not an mlkv store marker: {raw[:60]!r}")
         if found.get("engine") != engine:
             raise SchemaError(f"{path} is a {found.get('engine')!r} store, opened with engine={engine!r}")
     elif create:
@@ -63,6 +78,7 @@ class Store:
         staleness_timeout: float = 60.0,
         create: bool = True,
         readonly: bool = False,
+        io_threads: int = 4,
     ):
         path = os.fspath(path)
         if engine not in ENGINES:
@@ -71,6 +87,8 @@ class Store:
             raise InvalidArgumentError(f"staleness_bound must be an int >= 0, got {staleness_bound!r}")
         if not isinstance(staleness_timeout, (int, float)) or staleness_timeout <= 0:
             raise InvalidArgumentError(f"staleness_timeout must be a number > 0, got {staleness_timeout!r}")
+        if isinstance(io_threads, bool) or not isinstance(io_threads, int) or io_threads < 1:
+            raise InvalidArgumentError(f"io_threads must be an int >= 1, got {io_threads!r}")
         self.path = path
         self.cache_bytes = parse_bytes(cache_bytes)
         self.engine_name = engine
@@ -84,7 +102,11 @@ class Store:
                     raise FileNotFoundError(f"no mlkv store at {path} (pass create=True to make one)")
                 os.makedirs(path)
             _check_marker(path, engine, create and not readonly)
-        self._lock = threading.RLock()
+        self.io_threads = io_threads
+        # one plain lock guards tiers, gates, queues and stats; the condition wakes every kind of waiter
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._engine_lock = RWLock()
         self._file_lock = StoreLock(path, readonly, on_disk)
         try:
             self._engine = open_engine(engine, path, readonly)
@@ -99,8 +121,25 @@ class Store:
         self._stats = dict.fromkeys(_STAT_KEYS, 0)
         self._stats["stall_seconds"] = 0.0
         self._stats["staleness_wait_seconds"] = 0.0
+        limit = max(WRITEBACK_MIN_BYTES, min(WRITEBACK_MAX_BYTES, self.cache_bytes // 4))
+        self._writeback = WriteBack(self._cond, self._apply_pending, limit)
+        self._io: ThreadPoolExecutor | None = None
+        self._checkpointing = False
         self._changed = False
         self._open = True
+
+    def _apply_pending(self, op: PendingOp) -> None:
+        """Runs on the write-back thread: one queued write or delete reaches the engine."""
+        with self._engine_lock.write():
+            if op.rows is None:
+                self._engine.delete(op.table, op.keys)
+            else:
+                self._engine.write(op.table, op.keys, op.rows.view(np.uint8))
+
+    def _io_pool(self) -> ThreadPoolExecutor:
+        if self._io is None:
+            self._io = ThreadPoolExecutor(self.io_threads, thread_name_prefix="mlkv-io")
+        return self._io
 
     # ---- guards -------------------------------------------------------------------------------------
     def _check_open(self, table: Table | None = None) -> None:
@@ -108,6 +147,12 @@ class Store:
             raise StoreClosedError(f"store {self.path} is closed")
         if table is not None and self._tables.get(table.name) is not table:
             raise StoreClosedError(f"table {table.name!r} was dropped from {self.path}")
+
+    def _enter(self, table: Table | None = None) -> None:
+        """Guard of every row operation (store lock held): open, and no checkpoint in progress."""
+        while self._checkpointing:
+            self._cond.wait()
+        self._check_open(table)
 
     def _check_writable(self, table: Table | None = None) -> None:
         self._check_open(table)
@@ -130,10 +175,8 @@ class Store:
             raise InvalidArgumentError(f"table name must be a non-empty str, got {name!r}")
         if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0):
             raise InvalidArgumentError(f"dim must be a positive int, got {dim!r}")
-        if dtype != "float32":
-            raise InvalidArgumentError(
-                f"dtype must be 'float32' (the only row dtype stored so far), got {dtype!r}"
-            )
+        if not isinstance(dtype, str):
+            raise InvalidTypeError(f"dtype must be a str such as 'float32', got {dtype!r}")
         if optimizer is not None and not isinstance(optimizer, Optimizer):
             raise InvalidTypeError(
                 f"optimizer must be an mlkv.optim optimizer or None, got {type(optimizer).__name__}"
@@ -144,12 +187,16 @@ class Store:
             )
         init_fn, init_cfg = resolve_init(init)
         with self._lock:
-            self._check_open()
+            self._enter()
             schema = self._schemas.get(name)
             if schema is None:
                 if dim is None:
                     raise UnknownTableError(
                         f"no table {name!r} in {self.path}; tables: {sorted(self._schemas)}"
+                    )
+                if dtype != "float32":  # checked here: an existing table's dtype mismatch is a SchemaError
+                    raise InvalidArgumentError(
+                        f"dtype must be 'float32' (the only row dtype stored so far), got {dtype!r}"
                     )
                 if self.readonly:
                     raise ReadOnlyError(f"cannot create table {name!r}: store {self.path} is open readonly")
@@ -162,7 +209,8 @@ class Store:
                     "step": 0,
                 }
                 width = dim + (optimizer.state_width(dim) if optimizer else 0)
-                self._engine.create_table(name, 4 * width)
+                with self._engine_lock.write():
+                    self._engine.create_table(name, 4 * width)
                 self._schemas[name] = schema
                 self._changed = True
             else:
@@ -205,6 +253,7 @@ class Store:
 
     def drop_table(self, name: str) -> None:
         with self._lock:
+            self._enter()
             self._check_writable()
             if name not in self._schemas:
                 raise UnknownTableError(f"no table {name!r} in {self.path}; tables: {sorted(self._schemas)}")
@@ -212,28 +261,40 @@ class Store:
             if t is not None:
                 self._budget.unregister(t)
             del self._schemas[name]
-            self._engine.drop_table(name)
+            self._writeback.forget(name)
+            with self._engine_lock.write():
+                self._engine.drop_table(name)
             self._changed = True
 
     # ---- durability ---------------------------------------------------------------------------------
     def flush(self) -> None:
         """Write every dirty row of the memory tier to the engine (not yet durable: see checkpoint)."""
         with self._lock:
-            self._check_open()
+            self._enter()
             if not self.readonly:
-                for t in self._tables.values():
-                    t.flush()
+                self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        for t in self._tables.values():
+            t._flush_locked()
+        self._writeback.drain()
 
     def checkpoint(self, metadata: dict | None = None) -> int:
         """Make every write so far durable, atomically with `metadata`; return the new checkpoint id."""
         try:
-            json.dumps(metadata)
+            # a private copy, as JSON gives it back after a reopen: the caller may mutate their dict later
+            metadata = json.loads(json.dumps(metadata))
         except (TypeError, ValueError) as e:
             raise InvalidTypeError(f"checkpoint metadata must be JSON-serialisable: {e}") from None
         with self._lock:
+            self._enter()
             self._check_writable()
-            for t in self._tables.values():
-                t.flush()
+            return self._checkpoint_locked(metadata)
+
+    def _checkpoint_locked(self, metadata: dict | None) -> int:
+        self._checkpointing = True  # row operations wait: the checkpoint is one consistent cut
+        try:
+            self._flush_locked()
             crash_point("checkpoint:start")
             for name, t in self._tables.items():
                 self._schemas[name] = t.schema()
@@ -245,10 +306,14 @@ class Store:
                 "time": time.time(),
                 "tables": self._schemas,
             }
-            self._engine.checkpoint(meta)
+            with self._engine_lock.write():
+                self._engine.checkpoint(meta)
             self._last = (ckpt, metadata)
             self._changed = False
             return ckpt
+        finally:
+            self._checkpointing = False
+            self._cond.notify_all()
 
     def last_checkpoint(self) -> tuple[int, dict | None] | None:
         return self._last
@@ -263,6 +328,7 @@ class Store:
             s["memory_tier_rows"] = sum(t.tier.resident for t in self._tables.values())
             s["cache_bytes"] = self.cache_bytes
             s["recovery_seconds"] = self._engine.recovery_seconds
+            s["writeback_pending"] = self._writeback.pending()
             return s
 
     def reset_stats(self) -> None:
@@ -273,6 +339,15 @@ class Store:
     def disk_bytes(self) -> int:
         return self._engine.disk_bytes()
 
+    def verify(self) -> list[str]:
+        """Check every checksum of the rows in the engine; one description per problem (empty: sound)."""
+        with self._lock:
+            self._enter()
+            if not self.readonly:
+                self._flush_locked()
+            with self._engine_lock.read():
+                return self._engine.verify()
+
     # ---- lifetime -----------------------------------------------------------------------------------
     def close(self) -> None:
         """Checkpoint outstanding writes (metadata None) and release the store. Idempotent."""
@@ -280,12 +355,21 @@ class Store:
             if not self._open:
                 return
             try:
+                while self._checkpointing:
+                    self._cond.wait()
                 if not self.readonly and self._changed:
-                    self.checkpoint(None)
+                    self._checkpoint_locked(None)
             finally:
                 self._open = False
+                self._cond.notify_all()
+        try:  # background threads need the store lock to finish: stop them with it released
+            if self._io is not None:
+                self._io.shutdown(wait=True)
+            self._writeback.shutdown()
+            with self._engine_lock.write():
                 self._engine.close()
-                self._file_lock.release()
+        finally:
+            self._file_lock.release()
 
     def __enter__(self) -> Store:
         return self

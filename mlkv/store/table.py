@@ -1,9 +1,14 @@
 """Table: one named embedding table of a Store — its schema, optimizer, memory tier and row traffic.
 
-Every public method validates its arguments before it takes the store lock or changes anything. The read
-path is: memory tier hit -> gather; miss -> engine read (or `init` for a key never seen) -> admitted to the
-tier when there is room (evicting cold rows, writing dirty ones back). Rows that do not fit the budget are
-served from a batch buffer and written straight to the engine, so a batch larger than the tier still works.
+Every public method validates its arguments before it takes the store lock or changes anything.
+
+The row path, all under the store lock except the disk read: memory-tier hit -> gather. Miss -> the newest
+queued write-back of the key, else the engine (read with the store lock released and the keys marked in
+flight, so other threads wait for this read instead of repeating it), else `init` for a key never seen ->
+admitted to the tier, evicting cold rows (their dirty bytes go to the write-back queue). Rows that find no
+room (every row pinned or announced) are served from a batch buffer, and their changes are queued for the
+engine directly, so a batch larger than the tier still works. `update` reads, applies the optimizer and
+stores within one critical section, so concurrent updates of a row never lose each other.
 """
 
 from __future__ import annotations
@@ -11,19 +16,25 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..engine.key_index import KeyIndex
 from ..errors import InvalidArgumentError, MlkvError
 from .memory_tier import MemoryTier
+from .staleness import StalenessGate
 from .validate import as_keys, as_rows
+from .writeback import ROW
 
 if TYPE_CHECKING:
     from .store import Store
+
+_LOOKAHEAD_CHUNK = 512  # keys per background read: enough parallel page faults to fill the device queue
 
 
 class Table:
@@ -41,6 +52,11 @@ class Table:
         self.staleness_bound: int | None = schema.get("staleness_bound")
         self.tier = MemoryTier(self.width)
         self._schema = schema
+        self._gate = StalenessGate(name, store._cond)
+        self._inflight = KeyIndex()
+        self._announced = False  # set by the first lookahead; until then reads skip the announcement count
+        with store._engine_lock.read():
+            self._count = store._engine.count(name)
 
     # ---- schema -------------------------------------------------------------------------------------
     def schema(self) -> dict:
@@ -50,7 +66,11 @@ class Table:
         kind = self.optimizer.kind if self.optimizer else None
         return f"Table({self.name!r}, dim={self.dim}, dtype={self.dtype}, optimizer={kind})"
 
-    # ---- the row path -------------------------------------------------------------------------------
+    @property
+    def _bound(self) -> int:
+        return self._store.staleness_bound if self.staleness_bound is None else self.staleness_bound
+
+    # ---- the row path (store lock held) -------------------------------------------------------------
     def _new_rows(self, keys: np.ndarray) -> np.ndarray:
         rows = np.empty((len(keys), self.width), dtype=np.float32)
         rows[:, : self.dim] = self._init(keys, self.dim, self._salt)
@@ -58,67 +78,116 @@ class Table:
             rows[:, self.dim :] = self.optimizer.init_state(len(keys), self.dim)
         return rows
 
-    def _fetch(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Rows of distinct keys absent from the tier, from the engine or from init: (rows, fresh)."""
+    def _read_engine(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """Engine rows of distinct keys (store lock NOT held): (rows, found, seconds)."""
         st = self._store
         t0 = time.perf_counter()
-        raw, found = st._engine.read(self.name, keys)
-        st._stats["stall_seconds"] += time.perf_counter() - t0
-        st._stats["bytes_read"] += int(found.sum()) * self.tier.row_bytes
+        with st._engine_lock.read():
+            raw, found = st._engine.read(self.name, keys)
         rows = np.ascontiguousarray(raw).view(np.float32).reshape(len(keys), self.width)
-        if not found.all():
-            rows[~found] = self._new_rows(keys[~found])
-        return rows, ~found
+        return rows, found, time.perf_counter() - t0
 
-    def _write_back(self, keys: np.ndarray, rows: np.ndarray) -> None:
-        if len(keys):
-            st = self._store
-            st._engine.write(self.name, keys, np.ascontiguousarray(rows).view(np.uint8))
-            st._stats["rows_written_back"] += len(keys)
-            st._stats["bytes_written"] += len(keys) * self.tier.row_bytes
+    def _load(self, keys: np.ndarray, writable: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of distinct keys that are neither resident nor in flight: (rows, created).
 
-    def resize_tier(self, cap: int) -> None:
-        keys, rows, _ = self.tier.resize(cap)
-        self._write_back(keys, rows)
-
-    def _gather(self, keys: np.ndarray, writable: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows of distinct keys, admitting misses to the tier. Returns (slots, rows, fresh); slot -1 means
-        the row did not fit the budget and lives only in `rows`."""
-        tier, st = self.tier, self._store
-        slots = tier.lookup(keys)
-        hit = slots >= 0
+        Marks the keys in flight and releases the store lock for the engine read."""
+        st = self._store
+        status, queued = st._writeback.lookup(self.name, keys)
         rows = np.empty((len(keys), self.width), dtype=np.float32)
-        rows[hit] = tier.data[slots[hit]]
-        fresh = np.zeros(len(keys), dtype=bool)
-        st._stats["hits"] += int(hit.sum())
-        if hit.all():
-            return slots, rows, fresh
-        miss = ~hit
-        mk = keys[miss]
-        st._stats["misses"] += len(mk)
-        fetched, mfresh = self._fetch(mk)
-        rows[miss] = fetched
-        fresh[miss] = mfresh & writable
-        tier.pins[slots[hit]] += 1  # the batch's own rows must survive the room-making below
-        try:
-            short = len(mk) - len(tier.free)
-            if short > 0:
-                st._budget.grow(self, short)
-                short = len(mk) - len(tier.free)
+        from_queue = status == ROW
+        if from_queue.any():
+            rows[from_queue] = queued[from_queue]
+        created = status > ROW  # deleted while queued: a later read starts afresh from init
+        on_disk = status == 0
+        if on_disk.any():
+            self._inflight.insert_new(keys, np.zeros(len(keys), dtype=np.int64))
+            st._lock.release()
+            try:
+                disk_rows, found, secs = self._read_engine(keys[on_disk])
+            finally:
+                st._lock.acquire()
+                self._inflight.remove(keys)
+                st._cond.notify_all()
+            st._stats["stall_seconds"] += secs
+            st._stats["bytes_read"] += int(found.sum()) * self.tier.row_bytes
+            rows[on_disk] = disk_rows
+            created[np.flatnonzero(on_disk)[~found]] = True
+        if created.any():
+            rows[created] = self._new_rows(keys[created])
+        st._stats["misses"] += len(keys)
+        if writable and created.any():
+            self._count += int(created.sum())
+            st._changed = True
+        return rows, created & writable
+
+    def _make_room(self, n: int, demand: bool) -> None:
+        """Free n tier slots if the budget allows, growing the tier or evicting cold rows. Rows announced by
+        look-ahead are kept, except from a demand read that finds nothing else: announcements are hints
+        (a batch announced and then never read must not pin the tier forever)."""
+        tier, st = self.tier, self._store
+        short = n - len(tier.free)
+        if short > 0:
+            st._budget.grow(self, short)
+            short = n - len(tier.free)
+        for announced_too in (False, True) if demand else (False,):
             if short > 0:
                 before = len(tier.free)
-                victims = tier.evict(short)
+                self._queue_write(*tier.evict(short, announced_too))
                 st._stats["evictions"] += len(tier.free) - before
-                self._write_back(victims[0], victims[1])
-            dirty = fresh[miss]
-            tier.admit(mk, fetched, dirty, dirty)
+                short = n - len(tier.free)
+
+    def _queue_write(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        if len(keys):
+            st = self._store
+            st._stats["rows_written_back"] += len(keys)
+            st._stats["bytes_written"] += len(keys) * self.tier.row_bytes
+            st._writeback.submit(self.name, keys, rows, st._stats)
+
+    def resize_tier(self, cap: int) -> None:
+        self._queue_write(*self.tier.resize(cap))
+
+    def _wait_inflight(self, keys: np.ndarray) -> None:
+        while len(self._inflight) and (self._inflight.lookup(keys) >= 0).any():
+            self._store._cond.wait()
+
+    def _gather(self, keys: np.ndarray, writable: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of distinct keys as of now, admitting misses to the tier: (slots, rows); slot -1 marks a row
+        that found no room and lives only in `rows` (a created one is already queued for the engine)."""
+        tier, st = self.tier, self._store
+        while True:
+            slots = tier.lookup(keys)
+            miss = slots < 0
+            if not miss.any():
+                st._stats["hits"] += len(keys)
+                return slots, tier.data[slots]
+            if not (len(self._inflight) and (self._inflight.lookup(keys[miss]) >= 0).any()):
+                break
+            st._cond.wait()  # another thread is reading some of them: wait for it rather than read twice
+        hit_keys = keys[~miss]
+        tier.pins[slots[~miss]] += 1  # keep the batch's resident rows while the lock is released
+        st._stats["hits"] += len(hit_keys)
+        miss_at = np.flatnonzero(miss)
+        try:
+            loaded, created = self._load(keys[miss_at], writable)
+            self._make_room(len(miss_at), demand=True)
+            tier.admit(keys[miss_at], loaded, created)
         finally:
-            hit_slots = tier.lookup(keys[hit])  # a resize may have moved them
-            tier.pins[hit_slots] -= 1
-        return tier.lookup(keys), rows, fresh
+            s = tier.lookup(hit_keys)
+            s = s[s >= 0]
+            tier.pins[s] = np.maximum(tier.pins[s] - 1, 0)
+        slots = tier.lookup(keys)
+        inside = slots >= 0
+        rows = np.empty((len(keys), self.width), dtype=np.float32)
+        rows[inside] = tier.data[slots[inside]]
+        spilled = ~inside[miss_at]
+        if spilled.any():
+            rows[miss_at[spilled]] = loaded[spilled]
+            new = spilled & created
+            self._queue_write(keys[miss_at[new]], loaded[new])
+        return slots, rows
 
     def _store_rows(self, keys: np.ndarray, slots: np.ndarray, rows: np.ndarray) -> None:
-        """Write updated rows back: into their tier slot (dirty) or, if they had none, to the engine."""
+        """Write changed rows back: into their tier slot (dirty) or, if they have none, to the queue."""
         tier = self.tier
         inside = slots >= 0
         s = slots[inside]
@@ -126,33 +195,60 @@ class Table:
         tier.dirty[s] = True
         tier.ref[s] = True
         if not inside.all():
-            self._write_back(keys[~inside], rows[~inside])
+            self._queue_write(keys[~inside], rows[~inside])
         self._store._changed = True
 
+    def _consume(self, slots: np.ndarray) -> None:
+        """Reads of resident rows: set CLOCK's bit, use up one look-ahead announcement each."""
+        s = slots[slots >= 0]
+        self.tier.ref[s] = True
+        if self._announced:
+            a = self.tier.announced[s]
+            self.tier.announced[s] = np.maximum(a - 1, 0)
+
+    def _embeddings(self, slots: np.ndarray) -> np.ndarray:
+        """Embedding columns of resident rows: `take` of whole rows is ~2x faster than fancy indexing."""
+        rows = self.tier.data.take(slots, axis=0)
+        return rows if self.width == self.dim else rows[:, : self.dim]
+
+    def _reader(self, reader: Hashable | None) -> Hashable:
+        return threading.get_ident() if reader is None else reader
+
     # ---- public API ---------------------------------------------------------------------------------
-    def get(self, keys, track: bool = True) -> np.ndarray:
-        """Embeddings of `keys` as float32 (len(keys), dim); keys never seen are created from init."""
+    def get(self, keys, track: bool = True, reader: Hashable | None = None) -> np.ndarray:
+        """Embeddings of `keys` as float32 (len(keys), dim); keys never seen are created from init.
+
+        A tracked read (the default) counts as outstanding for `reader` (default: this thread) until its
+        update/put/release, and waits while more than `staleness_bound` other readers hold a key."""
         k = as_keys(keys)
         st = self._store
         with st._lock:
-            st._check_open(self)
-            slots = self.tier.lookup(k)
-            if len(k) and slots.min() >= 0:
-                st._stats["hits"] += len(k)
-                self.tier.ref[slots] = True
-                return self.tier.data[slots, : self.dim]
+            st._enter(self)
+            if not track:
+                slots = self.tier.lookup(k)
+                if len(k) and slots.min() >= 0:
+                    st._stats["hits"] += len(k)
+                    self._consume(slots)
+                    return self._embeddings(slots)
             uk, inv = np.unique(k, return_inverse=True)
-            writable = not st.readonly
-            slots, rows, fresh = self._gather(uk, writable)
-            spill = fresh & (slots < 0)
-            if spill.any():
-                self._write_back(uk[spill], rows[spill])
-            if fresh.any():
-                st._changed = True
-            self.tier.ref[slots[slots >= 0]] = True
+            new = None
+            if track:
+                new = self._gate.acquire(uk, self._reader(reader), self._bound, st.staleness_timeout, st._stats)
+            try:
+                slots = self.tier.lookup(uk)
+                if slots.min(initial=0) >= 0:  # all resident: one gather of just the embedding columns
+                    st._stats["hits"] += len(uk)
+                    self._consume(slots)
+                    return self._embeddings(slots[inv])
+                slots, rows = self._gather(uk, not st.readonly)
+            except BaseException:
+                if new is not None:
+                    self._gate.resolve(new, self._reader(reader))
+                raise
+            self._consume(slots)
             return rows[inv, : self.dim]
 
-    def update(self, keys, grads) -> None:
+    def update(self, keys, grads, reader: Hashable | None = None) -> None:
         """Apply the table's optimizer with `grads` (len(keys), dim); duplicate keys' grads are summed."""
         k = as_keys(keys)
         st = self._store
@@ -163,16 +259,17 @@ class Table:
         if len(k) == 0:
             return
         with st._lock:
-            st._check_open(self)
+            st._enter(self)
             uk, inv = np.unique(k, return_inverse=True)
             summed = np.zeros((len(uk), self.dim), dtype=np.float32)
             np.add.at(summed, inv, g)
-            slots, rows, _ = self._gather(uk, True)
+            slots, rows = self._gather(uk, True)
             self.step += 1
             self.optimizer.apply(rows, summed, self.step)
             self._store_rows(uk, slots, rows)
+            self._gate.resolve(uk, self._reader(reader))
 
-    def put(self, keys, values) -> None:
+    def put(self, keys, values, reader: Hashable | None = None) -> None:
         """Overwrite embeddings (optimizer state is kept); for a key given twice the last value wins."""
         k = as_keys(keys)
         st = self._store
@@ -181,77 +278,155 @@ class Table:
         if len(k) == 0:
             return
         with st._lock:
-            st._check_open(self)
+            st._enter(self)
             uk, last = np.unique(k[::-1], return_index=True)
-            slots, rows, _ = self._gather(uk, True)
+            slots, rows = self._gather(uk, True)
             rows[:, : self.dim] = v[::-1][last]
             self._store_rows(uk, slots, rows)
+            self._gate.resolve(uk, self._reader(reader))
 
-    def lookahead(self, keys) -> None:
-        """Announce keys a coming batch will read, so their rows are in the memory tier when it does."""
+    def release(self, keys, reader: Hashable | None = None) -> None:
+        """Give back `reader`'s tracked reads of `keys` without writing."""
         k = as_keys(keys)
         st = self._store
         with st._lock:
             st._check_open(self)
+            self._gate.resolve(np.unique(k), self._reader(reader))
+
+    def lookahead(self, keys) -> None:
+        """Announce keys a coming batch will read; returns at once while I/O threads move their rows into
+        the memory tier. Announced rows are not evicted until a read consumes the announcement; when the
+        budget is full of such rows, look-ahead stops early (stats: lookahead_dropped) instead."""
+        k = as_keys(keys)
+        st = self._store
+        with st._lock:
+            st._enter(self)
             uk = np.unique(k)
-            missing = uk[self.tier.lookup(uk) < 0]
-            if len(missing):
-                before = self.tier.resident
-                slots, rows, fresh = self._gather(missing, not st.readonly)
-                spill = fresh & (slots < 0)
-                self._write_back(missing[spill], rows[spill])
-                st._stats["lookahead_rows"] += self.tier.resident - before
-                st._changed |= bool(fresh.any())
+            slots = self.tier.lookup(uk)
+            resident = slots >= 0
+            self.tier.announced[slots[resident]] += 1
+            self._announced = True
+            todo = uk[~resident]
+            if len(self._inflight):
+                todo = todo[self._inflight.lookup(todo) < 0]
+            if len(todo) == 0:
+                return
+            self._inflight.insert_new(todo, np.zeros(len(todo), dtype=np.int64))
+            pool = st._io_pool()
+            for chunk in np.array_split(todo, -(-len(todo) // _LOOKAHEAD_CHUNK)):
+                pool.submit(self._lookahead_job, chunk)
 
-    def release(self, keys) -> None:
-        """Give back tracked reads of `keys` without writing (a no-op until reads are tracked)."""
-        as_keys(keys)
-        self._store._check_open(self)
+    def _lookahead_job(self, keys: np.ndarray) -> None:
+        """On an I/O thread: read announced rows (store lock released) and admit those that fit."""
+        st = self._store
+        try:
+            with st._lock:
+                status, queued = st._writeback.lookup(self.name, keys)
+            on_disk = status == 0
+            disk_rows, found, _ = self._read_engine(keys[on_disk])
+        except BaseException:
+            with st._lock:
+                self._inflight.remove(keys)
+                st._stats["lookahead_errors"] += 1
+                st._cond.notify_all()
+            return  # the reader that needs these rows reads them itself and sees the error
+        with st._lock:
+            self._inflight.remove(keys)
+            st._cond.notify_all()
+            if not st._open or st._tables.get(self.name) is not self:
+                return
+            rows = np.empty((len(keys), self.width), dtype=np.float32)
+            if (status == ROW).any():
+                rows[status == ROW] = queued[status == ROW]
+            rows[on_disk] = disk_rows
+            created = status > ROW
+            created[np.flatnonzero(on_disk)[~found]] = True
+            if created.any():
+                rows[created] = self._new_rows(keys[created])
+            # a key may have been loaded by a reader meanwhile: only the still-absent ones are admitted
+            absent = self.tier.lookup(keys) < 0
+            keys, rows, created = keys[absent], rows[absent], created[absent]
+            self._make_room(len(keys), demand=False)
+            created &= not st.readonly
+            slots = self.tier.admit(keys, rows, created)
+            placed = slots >= 0
+            self.tier.announced[slots[placed]] += 1
+            spilled = created & ~placed  # a created key exists from now on, cached or not
+            self._queue_write(keys[spilled], rows[spilled])
+            self._count += int(created.sum())
+            st._changed |= bool(created.any())
+            st._stats["bytes_read"] += int(found.sum()) * self.tier.row_bytes
+            st._stats["lookahead_rows"] += int(placed.sum())
+            st._stats["lookahead_dropped"] += int((~placed).sum())
 
-    def delete(self, keys) -> None:
+    def delete(self, keys, reader: Hashable | None = None) -> None:
         k = as_keys(keys)
         st = self._store
         st._check_writable(self)
         with st._lock:
-            st._check_open(self)
+            st._enter(self)
             uk = np.unique(k)
+            self._wait_inflight(uk)
+            self._count -= int(self._exists(uk).sum())
             self.tier.remove(uk)
-            st._engine.delete(self.name, uk)
+            st._writeback.submit(self.name, uk, None, st._stats)
+            self._gate.resolve(uk, self._reader(reader))
             st._changed = True
+
+    def _exists(self, keys: np.ndarray) -> np.ndarray:
+        """Which distinct keys exist (writable store: every resident row exists)."""
+        st = self._store
+        out = self.tier.lookup(keys) >= 0
+        status, _ = st._writeback.lookup(self.name, keys)
+        out |= status == ROW
+        ask = ~out & (status == 0)
+        if ask.any():
+            with st._engine_lock.read():
+                out[ask] = st._engine.contains(self.name, keys[ask])
+        return out
 
     def contains(self, keys) -> np.ndarray:
         k = as_keys(keys)
         st = self._store
         with st._lock:
             st._check_open(self)
-            out = st._engine.contains(self.name, k)
-            slots = self.tier.lookup(k)
-            inside = slots >= 0
-            out[inside] |= self.tier.fresh[slots[inside]]
-            return out
+            if st.readonly:
+                return st._engine.contains(self.name, k)
+            uk, inv = np.unique(k, return_inverse=True)
+            return self._exists(uk)[inv]
 
     def __len__(self) -> int:
         st = self._store
         with st._lock:
             st._check_open(self)
-            return st._engine.count(self.name) + self.tier.n_fresh
+            return st._engine.count(self.name) if st.readonly else self._count
+
+    def _flush_locked(self) -> None:
+        self._queue_write(*self.tier.take_dirty())
 
     def flush(self) -> None:
-        """Write every dirty row of the tier to the engine (durable only at the next checkpoint)."""
-        keys, rows, _ = self.tier.take_dirty()
-        self._write_back(keys, rows)
-
-    def items(self, batch_size: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Every (keys, embeddings) of the table, in batches; flushes the tier first."""
-        if not isinstance(batch_size, int) or batch_size <= 0:
-            raise InvalidArgumentError(f"batch_size must be a positive int, got {batch_size!r}")
+        """Queue every dirty row for the engine and wait until it is there (durable at the next checkpoint)."""
         st = self._store
         with st._lock:
             st._check_open(self)
             if not st.readonly:
-                self.flush()
+                self._flush_locked()
+                st._writeback.drain(self.name)
+
+    def items(self, batch_size: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every (keys, embeddings) of the table, in batches; flushes the tier first."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise InvalidArgumentError(f"batch_size must be a positive int, got {batch_size!r}")
+        st = self._store
+        self.flush()
+        with st._engine_lock.read():
             batches = st._engine.scan(self.name, batch_size)
-        for keys, raw in batches:
+        while True:
+            with st._engine_lock.read():
+                batch = next(batches, None)
+            if batch is None:
+                return
+            keys, raw = batch
             rows = np.ascontiguousarray(raw).view(np.float32).reshape(len(keys), self.width)
             yield keys, rows[:, : self.dim].copy()
 
@@ -262,26 +437,19 @@ class Table:
             return {}
         st = self._store
         with st._lock:
-            st._check_open(self)
+            st._enter(self)
             uk, inv = np.unique(k, return_inverse=True)
-            _, rows, fresh = self._gather(uk, not st.readonly)
-            st._changed |= bool(fresh.any())
+            _, rows = self._gather(uk, not st.readonly)
             state = rows[inv, self.dim :]
             return {name: state[:, sl].copy() for name, sl in self.optimizer.state_names(self.dim).items()}
 
     def export(self, path: str) -> int:
         """Stream keys (int64) and weights (n, dim) float32 into a .safetensors file; return the row count."""
-        st = self._store
-        with st._lock:
-            st._check_open(self)
-            n = len(self)
+        self.flush()
+        n = len(self)
         header = {
             "keys": {"dtype": "I64", "shape": [n], "data_offsets": [0, 8 * n]},
-            "weights": {
-                "dtype": "F32",
-                "shape": [n, self.dim],
-                "data_offsets": [8 * n, 8 * n + 4 * n * self.dim],
-            },
+            "weights": {"dtype": "F32", "shape": [n, self.dim], "data_offsets": [8 * n, 8 * n + 4 * n * self.dim]},
             "__metadata__": {"table": self.name, "dim": str(self.dim)},
         }
         head = json.dumps(header).encode()
@@ -293,6 +461,8 @@ class Table:
             f.write(struct.pack("<Q", len(head)) + head)
             f.truncate(base + 8 * n + 4 * n * self.dim)
             for keys, rows in self.items():
+                if written + len(keys) > n:
+                    break
                 os.pwrite(f.fileno(), keys.tobytes(), base + 8 * written)
                 os.pwrite(f.fileno(), rows.tobytes(), base + 8 * n + 4 * self.dim * written)
                 written += len(keys)

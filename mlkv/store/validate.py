@@ -13,6 +13,20 @@ def _to_numpy(x):
     return x
 
 
+def _int_list(keys) -> np.ndarray | None:
+    """A 1-D sequence of Python/numpy ints as uint64 bit patterns; None if any item is not an int.
+    Ints outside [-2**63, 2**64) raise InvalidTypeError."""
+    try:
+        items = list(keys)
+    except TypeError:
+        return None
+    if not all(isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) for x in items):
+        return None
+    if not all(-(2**63) <= int(x) < 2**64 for x in items):
+        raise InvalidTypeError("keys must be integers in the int64 or uint64 range")
+    return np.array([int(x) % 2**64 for x in items], dtype=np.uint64)
+
+
 def as_keys(keys) -> np.ndarray:
     """1-D uint64 keys. int64 keys are taken bit for bit (two's complement), so hashed ids keep 64 bits."""
     arr = _to_numpy(keys)
@@ -23,11 +37,14 @@ def as_keys(keys) -> np.ndarray:
             raise InvalidTypeError(
                 f"keys must be a 1-D integer array of int64 or uint64 values: {e}"
             ) from None
-        if arr.dtype == object:
-            try:
-                arr = np.asarray(keys, dtype=np.uint64)
-            except (OverflowError, TypeError, ValueError):
-                raise InvalidTypeError("keys must be integers in the int64 or uint64 range") from None
+        if arr.dtype == object or (arr.dtype.kind == "f" and arr.ndim == 1):
+            # numpy types a list holding an int >= 2**63 beside other ints as float64 (or object): take
+            # Python ints exactly, as their 64-bit patterns; real floats still fail the dtype check below
+            ints = _int_list(keys)
+            if ints is not None:
+                arr = ints
+            elif arr.dtype == object:
+                raise InvalidTypeError("keys must be integers in the int64 or uint64 range")
         if arr.size == 0:
             arr = arr.astype(np.uint64)
     if arr.dtype.kind not in "iu" or arr.dtype == np.bool_:

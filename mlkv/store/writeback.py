@@ -1,0 +1,140 @@
+"""WriteBack: engine writes and deletes leave the training thread and run, in order, on one I/O thread.
+
+Eviction, flush, spilled rows and deletes append an operation to the queue and return. Until an operation
+has reached the engine it stays readable here (newest first), so a row evicted a moment ago is never read
+back stale from the engine. One writer thread applies operations in FIFO order, so the engine always ends
+with the newest version. The queue is bounded (`limit_bytes`): an evicting thread that finds it full waits,
+which is counted as stall time. A failed write (full disk) stops the queue and is raised by the next
+flush/checkpoint; nothing queued is dropped, and the store stays openable at its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..engine.key_index import KeyIndex
+from ..errors import MlkvError
+
+ROW, DELETED = 1, 2
+
+
+@dataclass(eq=False)
+class PendingOp:
+    table: str
+    keys: np.ndarray
+    rows: np.ndarray | None  # None: a delete
+    index: KeyIndex = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.index = KeyIndex(2 * len(self.keys))
+        self.index.insert_new(self.keys, np.arange(len(self.keys), dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.rows is None else self.rows.nbytes
+
+
+class WriteBack:
+    def __init__(self, cond: threading.Condition, apply: Callable[[PendingOp], None], limit_bytes: int):
+        self._cond = cond  # bound to the store lock; every method below runs with it held
+        self._apply = apply  # writes one op to the engine; called on the writer thread, store lock NOT held
+        self.limit_bytes = limit_bytes
+        self._ops: dict[str, list[PendingOp]] = {}
+        self._bytes = 0
+        self._count = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self.error: BaseException | None = None
+
+    def submit(self, table: str, keys: np.ndarray, rows: np.ndarray | None, stats: dict) -> None:
+        if len(keys) == 0:
+            return
+        self.raise_error()
+        if self._bytes > self.limit_bytes:  # backpressure: wait for the disk to catch up
+            start = time.perf_counter()
+            while self._bytes > self.limit_bytes and self.error is None:
+                self._cond.wait()
+            stats["stall_seconds"] += time.perf_counter() - start
+        op = PendingOp(table, keys, None if rows is None else np.ascontiguousarray(rows))
+        self._ops.setdefault(table, []).append(op)
+        self._bytes += op.nbytes
+        self._count += 1
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="mlkv-writeback")
+        self._pool.submit(self._run, op)
+
+    def _run(self, op: PendingOp) -> None:
+        with self._cond:
+            if self.error is not None or not any(o is op for o in self._ops.get(op.table, ())):
+                return  # a failed queue stops; a dropped table's ops are void
+        try:
+            self._apply(op)
+        except BaseException as e:  # noqa: BLE001 - kept and raised on the caller's next flush
+            with self._cond:
+                self.error = e
+                self._cond.notify_all()
+            return
+        with self._cond:
+            ops = self._ops.get(op.table, [])
+            if any(o is op for o in ops):
+                ops.remove(op)
+            self._bytes -= op.nbytes
+            self._count -= 1
+            self._cond.notify_all()
+
+    def lookup(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Newest queued state of each key: (status 0 / ROW / DELETED, rows where status is ROW)."""
+        status = np.zeros(len(keys), dtype=np.int8)
+        ops = self._ops.get(table)
+        if not ops:
+            return status, np.empty((0, 0), np.float32)
+        rows = None
+        for op in reversed(ops):
+            todo = np.flatnonzero(status == 0)
+            if len(todo) == 0:
+                break
+            at = op.index.lookup(keys[todo])
+            got = at >= 0
+            if not got.any():
+                continue
+            if op.rows is None:
+                status[todo[got]] = DELETED
+            else:
+                if rows is None:
+                    rows = np.zeros((len(keys), op.rows.shape[1]), dtype=op.rows.dtype)
+                status[todo[got]] = ROW
+                rows[todo[got]] = op.rows[at[got]]
+        return status, rows if rows is not None else np.empty((0, 0), np.float32)
+
+    def pending(self, table: str | None = None) -> int:
+        if table is None:
+            return self._count
+        return len(self._ops.get(table, ()))
+
+    def drain(self, table: str | None = None) -> None:
+        """Wait until every queued op (of `table`, or all) reached the engine; raise a write-back failure."""
+        while self.pending(table) and self.error is None:
+            self._cond.wait()
+        self.raise_error()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise MlkvError(f"background write-back failed, the store is at its last checkpoint: {self.error}") from (
+                self.error
+            )
+
+    def forget(self, table: str) -> None:
+        """Drop a dropped table's queued ops (their engine table is gone)."""
+        for op in self._ops.pop(table, []):
+            self._bytes -= op.nbytes
+            self._count -= 1
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None

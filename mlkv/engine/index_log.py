@@ -16,6 +16,7 @@ import zlib
 import numpy as np
 
 from ..errors import CorruptionError
+from .key_index import unique_inverse
 
 SNAP_MAGIC = b"MLKVSNAP"
 LOG_MAGIC = b"MLKVILOG"
@@ -105,7 +106,7 @@ def load(snapshot: str | None, log: str | None, log_len: int) -> tuple[np.ndarra
     slots = np.concatenate(parts_s)
     # the last record of a key wins: unique over the reversed sequence keeps each key's last occurrence
     rk = keys[::-1]
-    uk, first = np.unique(rk, return_index=True)
+    uk, _, first = unique_inverse(rk)
     us = slots[::-1][first]
     live = us >= 0
     return uk[live], us[live]

@@ -38,13 +38,16 @@ class KeyIndex:
 
     def __init__(self, capacity: int = _MIN_CAPACITY):
         cap = _MIN_CAPACITY
-        while cap < 4 * capacity:  # load <= 1/4 at the expected size: short probe chains
+        while cap < 2 * capacity:  # load <= 1/2 at the expected size
             cap *= 2
         self._alloc(cap)
 
     def _alloc(self, cap: int) -> None:
-        self.keys = np.zeros(cap, dtype=np.uint64)
-        self.vals = np.full(cap, EMPTY, dtype=np.int64)
+        # key and value side by side: a probe costs one cache miss, not two
+        self.table = np.zeros((cap, 2), dtype=np.int64)
+        self.table[:, 1] = EMPTY
+        self.keys = self.table[:, 0].view(np.uint64)
+        self.vals = self.table[:, 1]
         self._mask = cap - 1
         self._shift = np.uint64(65 - cap.bit_length())
         self.live = 0
@@ -53,9 +56,17 @@ class KeyIndex:
     def __len__(self) -> int:
         return self.live
 
+    def __getstate__(self) -> dict:  # keys/vals are views of table: copies must re-derive them
+        return {k: v for k, v in self.__dict__.items() if k not in ("keys", "vals")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.keys = self.table[:, 0].view(np.uint64)
+        self.vals = self.table[:, 1]
+
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.vals.nbytes
+        return self.table.nbytes
 
     def _home(self, keys: np.ndarray) -> np.ndarray:
         """Fibonacci hashing (top bits of key * 2^64/phi) of the key with its high half folded in: spreads
@@ -63,19 +74,24 @@ class KeyIndex:
         with np.errstate(over="ignore"):
             return (((keys ^ (keys >> _HALF)) * _FIB) >> self._shift).astype(np.int64)
 
-    def _probe(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Position of each key's entry, or of the EMPTY that ends its chain; and whether it was found."""
+    def _probe(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Position of each key's entry (or of the EMPTY that ends its chain), whether it was found, and
+        the value there."""
         pos = self._home(keys)
-        tk, tv, mask = self.keys, self.vals, self._mask
-        v = tv.take(pos)
-        found = (tk.take(pos) == keys) & (v >= 0)
+        mask = self._mask
+        entries = self.table.take(pos, axis=0)
+        v = entries[:, 1]
+        found = (entries[:, 0].view(np.uint64) == keys) & (v >= 0)
         more = np.flatnonzero(~found & (v != EMPTY))
+        if len(more) == 0:
+            return pos, found, v
         window = 4
         while len(more):  # keys whose home was taken: scan the next positions of each at once
             step = np.arange(1, window + 1)
             p = (pos[more, None] + step) & mask
-            v = tv.take(p)
-            hit = (tk.take(p) == keys[more, None]) & (v >= 0)
+            entries = self.table.take(p.ravel(), axis=0).reshape(len(more), window, 2)
+            v = entries[:, :, 1]
+            hit = (entries[:, :, 0].view(np.uint64) == keys[more, None]) & (v >= 0)
             stop = hit | (v == EMPTY)
             ends = stop.any(axis=1)
             first = stop.argmax(axis=1)
@@ -84,14 +100,14 @@ class KeyIndex:
             found[more] = hit[rows, first] & ends
             more = more[~ends]
             window = 32  # the rare long chains
-        return pos, found
+        return pos, found, self.table.take(pos, axis=0)[:, 1]
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Values of `keys` (uint64 array), -1 where absent."""
         if len(keys) == 0:
             return np.empty(0, dtype=np.int64)
-        pos, found = self._probe(keys)
-        return np.where(found, self.vals.take(pos), EMPTY)
+        _, found, v = self._probe(keys)
+        return np.where(found, v, EMPTY)
 
     def insert_new(self, keys: np.ndarray, vals: np.ndarray) -> None:
         """Insert distinct keys that are known to be absent."""
@@ -109,7 +125,7 @@ class KeyIndex:
             free = tv[p] < 0
             cand = todo[free]
             # several keys may want the same free position: the first of each wins this round
-            _, first = np.unique(pos[cand], return_index=True)
+            first = _first_of_each(pos[cand])
             win = cand[first]
             wp = pos[win]
             self.used += int(np.count_nonzero(tv[wp] == EMPTY))
@@ -125,7 +141,7 @@ class KeyIndex:
         """Set key -> val for distinct keys, inserting the absent ones."""
         if len(keys) == 0:
             return
-        pos, found = self._probe(keys)
+        pos, found, _ = self._probe(keys)
         self.vals[pos[found]] = vals[found]
         if not found.all():
             self.insert_new(keys[~found], vals[~found])
@@ -134,7 +150,7 @@ class KeyIndex:
         """Delete distinct keys; return their old values (-1 where absent)."""
         if len(keys) == 0:
             return np.empty(0, dtype=np.int64)
-        pos, found = self._probe(keys)
+        pos, found, _ = self._probe(keys)
         old = np.where(found, self.vals[pos], EMPTY)
         self.vals[pos[found]] = TOMBSTONE
         self.live -= int(np.count_nonzero(found))
@@ -158,3 +174,34 @@ class KeyIndex:
             cap *= 2
         self._alloc(cap)
         self.insert_new(keys, vals)
+
+
+def unique_keys(keys: np.ndarray) -> np.ndarray:
+    """Sorted distinct keys. Sort-based: numpy 2.x's hash-based np.unique is several times slower here."""
+    s = np.sort(keys)
+    keep = np.empty(len(s), dtype=bool)
+    keep[:1] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return s[keep]
+
+
+def unique_inverse(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sorted distinct keys, inverse such that uk[inverse] == keys, index of each key's first occurrence)."""
+    order = np.argsort(keys, kind="stable")
+    s = keys[order]
+    keep = np.empty(len(s), dtype=bool)
+    keep[:1] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    inverse = np.empty(len(keys), dtype=np.intp)
+    inverse[order] = np.cumsum(keep) - 1
+    return s[keep], inverse, order[keep]
+
+
+def _first_of_each(values: np.ndarray) -> np.ndarray:
+    """Index of the first occurrence of each distinct value."""
+    order = np.argsort(values, kind="stable")
+    s = values[order]
+    keep = np.empty(len(s), dtype=bool)
+    keep[:1] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return order[keep]

@@ -20,7 +20,7 @@ from ..errors import CorruptionError, ReadOnlyError
 from ..faults import crash_point
 from . import index_log
 from .base import Engine
-from .key_index import KeyIndex
+from .key_index import KeyIndex, unique_keys
 from .manifest import read_manifest, write_manifest
 from .slot_file import SlotFile
 
@@ -43,7 +43,7 @@ class _SlabTable:
         keys, slots = index_log.load(snap, self._path(f"{self.gen}.log"), self.log_len)
         if len(slots) and int(slots.max()) >= self.n_slots:
             raise CorruptionError(self._path(f"{self.gen}.log"), 0, "index names a slot past the table end")
-        self.index = KeyIndex(2 * len(keys))
+        self.index = KeyIndex(len(keys))
         self.index.insert_new(keys, slots)
         self.file.ensure_capacity(self.n_slots)
         self.frozen = np.zeros(self.file.capacity, dtype=bool)
@@ -124,7 +124,7 @@ class _SlabTable:
             return
         self.file.sync()
         crash_point("slab:after_sync")
-        keys = np.unique(np.concatenate(self.changed))
+        keys = unique_keys(np.concatenate(self.changed))
         slots = self.index.lookup(keys)
         if self.log_len + 16 * len(keys) > max(16 * self.snapshot_pairs, _MIN_LOG_BYTES):
             live_k, live_s = self.index.items()

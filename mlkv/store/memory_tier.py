@@ -59,14 +59,20 @@ class MemoryTier:
         """
         dropped = self.evict(self.resident - cap) if self.resident > cap else self._no_victims()
         slots = np.flatnonzero(self.used)
-        keep = (self.keys[slots], self.data[slots], self.dirty[slots], self.pins[slots], self.announced[slots])
+        keep = (
+            self.keys[slots],
+            self.data[slots],
+            self.dirty[slots],
+            self.pins[slots],
+            self.announced[slots],
+        )
         self._alloc(max(cap, len(slots)))
         n = len(slots)
         self.keys[:n], self.data[:n], self.dirty[:n], self.pins[:n], self.announced[:n] = keep
         self.used[:n] = True
         self.ref[:n] = True
         self.free = np.arange(self.capacity - 1, n - 1, -1, dtype=np.int64)
-        self.index = KeyIndex(2 * n)
+        self.index = KeyIndex(n)
         self.index.insert_new(self.keys[:n], np.arange(n, dtype=np.int64))
         self.hand = 0
         return dropped

@@ -7,7 +7,7 @@ holds neither count again nor block (gradient accumulation, two modules sharing 
 batch). A reader is any hashable: the current thread by default, or an explicit handle (the torch layer
 passes one per SparseOptimizer).
 
-Holds live in one sorted key array per reader (a batch's keys arrive sorted from np.unique), so checking a
+Holds live in one sorted key array per reader (a batch's keys arrive sorted and distinct), so checking a
 batch costs one binary search per active reader and recording it one merge.
 Everything here runs under the store lock; waiting releases it (Condition.wait), so waiting never spins.
 """
@@ -55,7 +55,9 @@ class StalenessGate:
         mine = self._holds.get(reader)
         return keys if mine is None else keys[~_member(mine, keys)]
 
-    def acquire(self, keys: np.ndarray, reader: Hashable, bound: int, timeout: float, stats: dict) -> np.ndarray:
+    def acquire(
+        self, keys: np.ndarray, reader: Hashable, bound: int, timeout: float, stats: dict
+    ) -> np.ndarray:
         """Register `reader`'s reads of distinct sorted `keys`, first waiting while any key has > bound other
         holders. Returns the keys newly registered (those `reader` did not hold already)."""
         new = self._new_for(keys, reader)

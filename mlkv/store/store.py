@@ -29,10 +29,10 @@ from ..init import init_from_config, resolve_init
 from ..optim import Optimizer, optimizer_from_config
 from .lock import StoreLock
 from .rwlock import RWLock
-from .writeback import PendingOp, WriteBack
 from .sizes import parse_bytes
 from .table import Table
 from .tier_budget import TierBudget
+from .writeback import PendingOp, WriteBack
 
 FORMAT = 1
 _MARKER = "MLKV"
@@ -131,6 +131,8 @@ class Store:
     def _apply_pending(self, op: PendingOp) -> None:
         """Runs on the write-back thread: one queued write or delete reaches the engine."""
         with self._engine_lock.write():
+            if op.void:  # its table was dropped (and maybe re-created under the name) since it was queued
+                return
             if op.rows is None:
                 self._engine.delete(op.table, op.keys)
             else:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..engine.key_index import KeyIndex
+from ..engine.key_index import KeyIndex, unique_inverse, unique_keys
 from ..errors import InvalidArgumentError, MlkvError
 from .memory_tier import MemoryTier
 from .staleness import StalenessGate
@@ -230,10 +230,12 @@ class Table:
                     st._stats["hits"] += len(k)
                     self._consume(slots)
                     return self._embeddings(slots)
-            uk, inv = np.unique(k, return_inverse=True)
+            uk, inv, _ = unique_inverse(k)
             new = None
             if track:
-                new = self._gate.acquire(uk, self._reader(reader), self._bound, st.staleness_timeout, st._stats)
+                new = self._gate.acquire(
+                    uk, self._reader(reader), self._bound, st.staleness_timeout, st._stats
+                )
             try:
                 slots = self.tier.lookup(uk)
                 if slots.min(initial=0) >= 0:  # all resident: one gather of just the embedding columns
@@ -260,7 +262,7 @@ class Table:
             return
         with st._lock:
             st._enter(self)
-            uk, inv = np.unique(k, return_inverse=True)
+            uk, inv, _ = unique_inverse(k)
             summed = np.zeros((len(uk), self.dim), dtype=np.float32)
             np.add.at(summed, inv, g)
             slots, rows = self._gather(uk, True)
@@ -279,7 +281,7 @@ class Table:
             return
         with st._lock:
             st._enter(self)
-            uk, last = np.unique(k[::-1], return_index=True)
+            uk, _, last = unique_inverse(k[::-1])
             slots, rows = self._gather(uk, True)
             rows[:, : self.dim] = v[::-1][last]
             self._store_rows(uk, slots, rows)
@@ -291,7 +293,7 @@ class Table:
         st = self._store
         with st._lock:
             st._check_open(self)
-            self._gate.resolve(np.unique(k), self._reader(reader))
+            self._gate.resolve(unique_keys(k), self._reader(reader))
 
     def lookahead(self, keys) -> None:
         """Announce keys a coming batch will read; returns at once while I/O threads move their rows into
@@ -301,7 +303,7 @@ class Table:
         st = self._store
         with st._lock:
             st._enter(self)
-            uk = np.unique(k)
+            uk = unique_keys(k)
             slots = self.tier.lookup(uk)
             resident = slots >= 0
             self.tier.announced[slots[resident]] += 1
@@ -365,7 +367,7 @@ class Table:
         st._check_writable(self)
         with st._lock:
             st._enter(self)
-            uk = np.unique(k)
+            uk = unique_keys(k)
             self._wait_inflight(uk)
             self._count -= int(self._exists(uk).sum())
             self.tier.remove(uk)
@@ -392,7 +394,7 @@ class Table:
             st._check_open(self)
             if st.readonly:
                 return st._engine.contains(self.name, k)
-            uk, inv = np.unique(k, return_inverse=True)
+            uk, inv, _ = unique_inverse(k)
             return self._exists(uk)[inv]
 
     def __len__(self) -> int:
@@ -438,7 +440,7 @@ class Table:
         st = self._store
         with st._lock:
             st._enter(self)
-            uk, inv = np.unique(k, return_inverse=True)
+            uk, inv, _ = unique_inverse(k)
             _, rows = self._gather(uk, not st.readonly)
             state = rows[inv, self.dim :]
             return {name: state[:, sl].copy() for name, sl in self.optimizer.state_names(self.dim).items()}
@@ -449,7 +451,11 @@ class Table:
         n = len(self)
         header = {
             "keys": {"dtype": "I64", "shape": [n], "data_offsets": [0, 8 * n]},
-            "weights": {"dtype": "F32", "shape": [n, self.dim], "data_offsets": [8 * n, 8 * n + 4 * n * self.dim]},
+            "weights": {
+                "dtype": "F32",
+                "shape": [n, self.dim],
+                "data_offsets": [8 * n, 8 * n + 4 * n * self.dim],
+            },
             "__metadata__": {"table": self.name, "dim": str(self.dim)},
         }
         head = json.dumps(header).encode()

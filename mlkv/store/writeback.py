@@ -30,9 +30,10 @@ class PendingOp:
     keys: np.ndarray
     rows: np.ndarray | None  # None: a delete
     index: KeyIndex = field(init=False)
+    void: bool = field(default=False, init=False)  # its table was dropped: never apply it
 
     def __post_init__(self) -> None:
-        self.index = KeyIndex(2 * len(self.keys))
+        self.index = KeyIndex(len(self.keys))
         self.index.insert_new(self.keys, np.arange(len(self.keys), dtype=np.int64))
 
     @property
@@ -74,17 +75,17 @@ class WriteBack:
                 return  # a failed queue stops; a dropped table's ops are void
         try:
             self._apply(op)
-        except BaseException as e:  # noqa: BLE001 - kept and raised on the caller's next flush
+        except BaseException as e:
             with self._cond:
                 self.error = e
                 self._cond.notify_all()
             return
         with self._cond:
             ops = self._ops.get(op.table, [])
-            if any(o is op for o in ops):
+            if any(o is op for o in ops):  # else forget() took it off the books already
                 ops.remove(op)
-            self._bytes -= op.nbytes
-            self._count -= 1
+                self._bytes -= op.nbytes
+                self._count -= 1
             self._cond.notify_all()
 
     def lookup(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -124,13 +125,14 @@ class WriteBack:
 
     def raise_error(self) -> None:
         if self.error is not None:
-            raise MlkvError(f"background write-back failed, the store is at its last checkpoint: {self.error}") from (
-                self.error
-            )
+            raise MlkvError(
+                f"background write-back failed, the store is at its last checkpoint: {self.error}"
+            ) from (self.error)
 
     def forget(self, table: str) -> None:
         """Drop a dropped table's queued ops (their engine table is gone)."""
         for op in self._ops.pop(table, []):
+            op.void = True  # one the writer thread already picked up must not reach the engine either
             self._bytes -= op.nbytes
             self._count -= 1
 

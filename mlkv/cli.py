@@ -1,0 +1,324 @@
+"""The `mlkv` command: inspect, verify and export stores, and run the benchmarks.
+
+Exit status: 0 success; 1 the store is damaged (a checksum, magic or length test failed); 2 any other error
+(no such store, unknown table, store in use, bad arguments). Errors are one line on stderr, never a
+traceback. Results go to stdout (`--json` for machine-readable output), progress bars to stderr.
+Commands are argparse subparsers, so `mlkv train ...` slots in beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+import mlkv
+
+from .engine import ENGINES
+from .errors import CorruptionError, MlkvError, StoreLockedError
+
+_MARKER = "MLKV"  # the JSON file in which every on-disk store names its engine
+
+
+class UsageError(MlkvError):
+    """A command-line mistake: reported on one line, exit status 2."""
+
+
+# ---- opening stores -------------------------------------------------------------------------------------
+def store_engine(path: str) -> str:
+    """The engine named by PATH/MLKV, with a clear error when PATH is not an mlkv store."""
+    if not os.path.exists(path):
+        raise UsageError(f"no such store: {path} does not exist")
+    if not os.path.isdir(path):
+        raise UsageError(f"{path} is not a directory, so not an mlkv store")
+    marker = os.path.join(path, _MARKER)
+    try:
+        with open(marker) as f:
+            found = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{path} is not an mlkv store (it has no {_MARKER} file)") from None
+    except ValueError as e:
+        raise CorruptionError(marker, 0, f"not valid JSON: {e}") from None
+    engine = found.get("engine") if isinstance(found, dict) else None
+    if engine not in ENGINES:
+        raise CorruptionError(marker, 0, f"names engine {engine!r}, expected one of {', '.join(ENGINES)}")
+    return engine
+
+
+def open_readonly(path: str) -> mlkv.Store:
+    return mlkv.open(path, readonly=True, create=False, engine=store_engine(path))
+
+
+def _lock_holder(path: str) -> int | None:
+    try:
+        with open(os.path.join(path, "LOCK")) as f:
+            return int(f.read(32).strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _tree_bytes(path: str) -> int:
+    total = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            with contextlib.suppress(OSError):  # removed meanwhile (a writer's compaction or checkpoint)
+                total += os.path.getsize(os.path.join(root, name))
+    return total
+
+
+def _checkpoint_of(meta: dict | None) -> dict | None:
+    if not meta or "checkpoint_id" not in meta:
+        return None
+    return {"id": meta["checkpoint_id"], "time": meta.get("time"), "metadata": meta.get("metadata")}
+
+
+# ---- info -----------------------------------------------------------------------------------------------
+def _info_open(path: str, store: mlkv.Store) -> dict:
+    tables = []
+    for name in store.tables():
+        t = store.table(name)
+        kind = t.optimizer.kind if t.optimizer else None
+        tables.append(
+            {"name": name, "dim": t.dim, "dtype": t.dtype, "optimizer": kind, "rows": len(t), "step": t.step}
+        )
+    return {
+        "path": path,
+        "engine": store.engine_name,
+        "in_use_by_pid": None,
+        "disk_bytes": store.disk_bytes(),
+        "recovery_seconds": store.stats()["recovery_seconds"],
+        "checkpoint": _checkpoint_of(store._engine.committed_meta()),
+        "tables": tables,
+    }
+
+
+def _info_locked(path: str, engine: str) -> dict:
+    """What the last committed checkpoint says, read without the lock a writer holds."""
+    meta, counts, source = None, {}, None
+    if engine == "slab":
+        from .engine.manifest import read_manifest
+
+        manifest = read_manifest(path)
+        meta, source = (manifest or {}).get("meta"), "MANIFEST"
+    elif engine == "rocksdb":  # RocksDB's read-only open takes no lock and sees the committed state
+        from .engine import open_engine
+
+        try:
+            eng = open_engine("rocksdb", path, readonly=True)
+        except (MlkvError, OSError, Exception) as e:  # rocksdict raises plain Exception
+            source = f"unavailable: {e}"
+        else:
+            try:
+                meta, source = eng.committed_meta(), "RocksDB read-only open"
+                counts = {name: eng.count(name) for name in eng.tables()}
+            finally:
+                eng.close()
+    tables = []
+    for name, schema in sorted(((meta or {}).get("tables") or {}).items()):
+        opt = schema.get("optimizer")
+        tables.append(
+            {
+                "name": name,
+                "dim": schema.get("dim"),
+                "dtype": schema.get("dtype"),
+                "optimizer": opt.get("kind") if opt else None,
+                "rows": counts.get(name),
+                "step": schema.get("step"),
+            }
+        )
+    return {
+        "path": path,
+        "engine": engine,
+        "in_use_by_pid": _lock_holder(path) or "unknown",
+        "committed_state_from": source,
+        "disk_bytes": _tree_bytes(path),
+        "recovery_seconds": None,
+        "checkpoint": _checkpoint_of(meta),
+        "tables": tables,
+    }
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit} ({n:,} bytes)"
+    return f"{n:,} bytes"
+
+
+def _columns(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+def format_info(info: dict) -> str:
+    lines = [f"store       {info['path']}", f"engine      {info['engine']}"]
+    if info["in_use_by_pid"] is not None:
+        lines.append(
+            f"in use      by a writer (pid {info['in_use_by_pid']}); showing the last committed checkpoint"
+            f" ({info['committed_state_from']})"
+        )
+    lines.append(f"on disk     {_size(info['disk_bytes'])}")
+    if info["recovery_seconds"] is not None:
+        lines.append(f"recovery    {info['recovery_seconds']:.3f} s (spent by this open loading the index)")
+    ck = info["checkpoint"]
+    if ck is None:
+        lines.append("checkpoint  none yet")
+    else:
+        when = ""
+        if ck["time"] is not None:
+            stamp = datetime.datetime.fromtimestamp(ck["time"], tz=datetime.timezone.utc)
+            when = f" at {stamp:%Y-%m-%d %H:%M:%S} UTC"
+        lines.append(f"checkpoint  {ck['id']}{when}, metadata {json.dumps(ck['metadata'])}")
+    lines.append(f"tables      {len(info['tables'])}")
+    if info["tables"]:
+        rows = [["name", "dim", "dtype", "optimizer", "rows", "step"]]
+        for t in info["tables"]:
+            n = "?" if t["rows"] is None else f"{t['rows']:,}"
+            rows.append([t["name"], str(t["dim"]), str(t["dtype"]), str(t["optimizer"]), n, str(t["step"])])
+        lines += _columns(rows)
+    return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    engine = store_engine(args.path)
+    try:
+        store = mlkv.open(args.path, readonly=True, create=False, engine=engine)
+    except StoreLockedError:
+        info = _info_locked(args.path, engine)
+    else:
+        with store:
+            info = _info_open(args.path, store)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+# ---- check ----------------------------------------------------------------------------------------------
+def cmd_check(args: argparse.Namespace) -> int:
+    engine = store_engine(args.path)
+    tables, rows = [], 0
+    try:
+        with mlkv.open(args.path, readonly=True, create=False, engine=engine) as store:
+            tables = store.tables()
+            rows = sum(len(store.table(name)) for name in tables)
+            print(f"verifying {rows:,} rows in {len(tables)} tables of {args.path} ...", file=sys.stderr)
+            problems = store.verify()
+    except CorruptionError as e:  # damage found while opening: the manifest, an index log, a header
+        problems = [str(e)]
+    report = {"path": args.path, "engine": engine, "tables": tables, "rows": rows, "problems": problems}
+    if args.json:
+        print(json.dumps({**report, "ok": not problems}, indent=2))
+    elif problems:
+        print(f"DAMAGED: {args.path}: {len(problems)} problem(s)")
+        for p in problems:
+            print(f"  {p}")
+    else:
+        print(f"OK: {args.path}: {len(tables)} tables, {rows:,} rows, every checksum verified")
+    return 1 if problems else 0
+
+
+# ---- export ---------------------------------------------------------------------------------------------
+def cmd_export(args: argparse.Namespace) -> int:
+    with open_readonly(args.path) as store:
+        table = store.table(args.table)
+        print(f"exporting table {args.table!r} of {args.path} to {args.out} ...", file=sys.stderr)
+        n = table.export(args.out)
+    if args.json:
+        print(json.dumps({"table": args.table, "rows": n, "dim": table.dim, "out": args.out}))
+    else:
+        print(f"wrote {n:,} rows of table {args.table!r} (dim {table.dim}) to {args.out}")
+    return 0
+
+
+# ---- bench ----------------------------------------------------------------------------------------------
+def cmd_bench_store(args: argparse.Namespace) -> int:
+    from .bench import store_bench
+
+    return store_bench.main(args)
+
+
+# ---- parser and entry point -----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mlkv",
+        description="Inspect, verify and export mlkv stores; run the benchmarks and training workloads.",
+        epilog="exit status: 0 ok, 1 store damaged, 2 any other error",
+    )
+    p.add_argument("--version", action="version", version=f"mlkv {mlkv.__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    info = sub.add_parser("info", help="engine, tables, size and last checkpoint of a store")
+    info.add_argument("path", metavar="PATH", help="store directory")
+    info.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    info.set_defaults(func=cmd_info)
+
+    check = sub.add_parser("check", help="verify every checksum; exit 1 if the store is damaged")
+    check.add_argument("path", metavar="PATH", help="store directory")
+    check.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    check.set_defaults(func=cmd_check)
+
+    export = sub.add_parser("export", help="write a table's keys and weights to a .safetensors file")
+    export.add_argument("path", metavar="PATH", help="store directory")
+    export.add_argument("table", metavar="TABLE", help="table name")
+    export.add_argument("out", metavar="OUT.safetensors", help="output file (keys int64, weights float32)")
+    export.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    export.set_defaults(func=cmd_export)
+
+    bench = sub.add_parser("bench", help="benchmarks with baselines measured in the same run")
+    bench_sub = bench.add_subparsers(dest="bench", metavar="BENCHMARK")
+    bench.set_defaults(func=lambda _: _missing(bench))
+    store = bench_sub.add_parser(
+        "store",
+        help="batched get/update per engine vs numpy gather and memory-mapped files",
+        description="Batched get/update throughput of each engine, warm and cold, beside numpy in-memory "
+        "gathers (the memory limit) and a memory-mapped flat file (the disk limit), all in one run. "
+        "Cold = fsync + POSIX_FADV_DONTNEED of the files before every timed batch.",
+    )
+    from .bench.store_bench import add_arguments
+
+    add_arguments(store)
+    store.set_defaults(func=cmd_bench_store)
+
+    from .workloads.cli import add_train_parsers
+
+    add_train_parsers(sub)
+    return p
+
+
+def _missing(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, KeyError) and e.args:
+        return str(e.args[0])
+    return str(e) or type(e).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error argparse has already reported
+        return e.code if isinstance(e.code, int) else 2
+    if args.command is None:
+        return _missing(parser)
+    try:
+        return args.func(args)
+    except CorruptionError as e:
+        print(f"mlkv {args.command}: damaged store: {e} (run `mlkv check`)", file=sys.stderr)
+        return 1
+    except (MlkvError, OSError, KeyError, ValueError) as e:
+        print(f"mlkv {args.command}: error: {_message(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mlkv {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Prefetcher: runs a data loader ahead on a background thread and announces each future batch's keys.
+
+The loader knows the future: while the training loop works on batch i, a worker thread has already produced
+batches i+1 .. i+depth and called `table.lookahead(keys)` for each, so their rows are moving into the memory
+tier before the model asks for them. Batches come out in the loader's order.
+
+Shutdown is always prompt and never leaves a thread behind: the end of the loader, an exception in the
+loader or in `keys` (re-raised in the consuming thread, after the batches before it), `break` out of the
+loop (the iterator is closed when dropped), `close()`, leaving a `with` block, and interpreter exit (an
+atexit hook stops every worker; workers are daemon threads, so even a loader stuck in `next()` cannot
+hold the interpreter).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import itertools
+import queue
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import InvalidArgumentError
+
+#: how long interpreter exit waits for each worker to notice its stop event
+EXIT_JOIN_SECONDS = 1.0
+#: how often a blocked worker or consumer looks at the stop event
+_POLL_SECONDS = 0.05
+
+_END = object()
+_workers: weakref.WeakSet[_Worker] = weakref.WeakSet()
+_ids = itertools.count()
+
+
+class _Failure:
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def _flat_keys(keys: Any) -> Any:
+    if isinstance(keys, torch.Tensor):
+        return keys.detach().reshape(-1).cpu()
+    return np.asarray(keys).reshape(-1)
+
+
+class _Worker:
+    """The thread and the bounded queue of one pass over the loader. Holds no reference to the iterator
+    handed to the consumer, so dropping that iterator (`break`) can stop the worker."""
+
+    def __init__(self, loader: Iterable, keys: Callable, tables, depth: int):
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop_event = threading.Event()
+        self._loader, self._keys, self._tables = loader, keys, tables
+        self._resolved: dict[str, Any] = {}
+        self.thread = threading.Thread(target=self._run, name=f"mlkv-prefetch-{next(_ids)}", daemon=True)
+        _workers.add(self)
+        self.thread.start()
+
+    def _table(self, name: str):
+        t = self._resolved.get(name)
+        if t is None:
+            tables = self._tables
+            t = tables[name] if isinstance(tables, Mapping) else tables.table(name)
+            self._resolved[name] = t
+        return t
+
+    def _put(self, item) -> bool:
+        while not self.stop_event.is_set():
+            try:
+                self.queue.put(item, timeout=_POLL_SECONDS)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        it = None
+        try:
+            it = iter(self._loader)
+            while not self.stop_event.is_set():
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    self._put(_END)
+                    return
+                wanted = self._keys(batch)
+                if not isinstance(wanted, Mapping):
+                    raise TypeError(
+                        f"keys(batch) must return a mapping table name -> keys, got {type(wanted).__name__}"
+                    )
+                for name, k in wanted.items():
+                    if self.stop_event.is_set():
+                        return
+                    self._table(name).lookahead(_flat_keys(k))
+                if not self._put((batch,)):
+                    return
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            self._put(_Failure(e))
+        finally:
+            close = getattr(it, "close", None)
+            if callable(close):
+                with contextlib.suppress(Exception):  # the loader's cleanup must not hide the outcome
+                    close()
+
+    def stop(self, timeout: float | None) -> None:
+        """Ask the thread to finish, unblock it, and wait up to `timeout` seconds for it (None: no wait)."""
+        self.stop_event.set()
+        while True:  # a worker blocked in put() sees the stop event within one poll; emptying helps too
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                break
+        if timeout is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+
+class _PrefetchIterator(Iterator):
+    def __init__(self, worker: _Worker):
+        self._worker: _Worker | None = worker
+
+    def __iter__(self) -> _PrefetchIterator:
+        return self
+
+    def __next__(self):
+        w = self._worker
+        while True:
+            if w is None or w.stop_event.is_set():  # closed: by us, the Prefetcher, or a new pass
+                self._worker = None
+                raise StopIteration
+            try:
+                item = w.queue.get(timeout=_POLL_SECONDS)
+                break
+            except queue.Empty:
+                if not w.alive and w.queue.empty() and not w.stop_event.is_set():
+                    self.close()
+                    raise RuntimeError("the prefetch thread ended without a result") from None
+        if item is _END:
+            self.close()
+            raise StopIteration
+        if isinstance(item, _Failure):
+            self.close()
+            raise item.exc
+        return item[0]
+
+    def close(self) -> None:
+        w, self._worker = self._worker, None
+        if w is not None:
+            w.stop(timeout=None)
+
+    def __del__(self) -> None:
+        w = self._worker
+        if w is not None:
+            w.stop(timeout=None)
+
+
+class Prefetcher:
+    """Iterate `loader` with its batches produced and their rows announced `depth` batches ahead.
+
+    Args:
+        loader: any iterable of batches (a torch DataLoader, a generator, a list). Each ``iter()`` of the
+            Prefetcher is one pass over ``iter(loader)``; starting a new pass stops the previous one.
+        keys: ``batch -> {table_name: keys}``; keys are a tensor, array or list of int keys of any shape
+            (flattened). Padding keys may be left in: announcing a key only moves or creates its row.
+        tables: the Store (``tables.table(name)``) or a mapping ``name -> Table``.
+        depth: how many batches may wait, produced and announced, in the queue (>= 1).
+
+    Use ``for batch in Prefetcher(...)``; ``break`` stops the worker. ``close()`` and the context manager
+    stop it too, and wait for the thread (up to ``close_timeout`` seconds). A loader or ``keys`` exception is
+    raised by the loop at the batch where it happened.
+    """
+
+    def __init__(
+        self,
+        loader: Iterable,
+        keys: Callable[[Any], Mapping[str, Any]],
+        tables,
+        depth: int = 8,
+        close_timeout: float = 10.0,
+    ):
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise InvalidArgumentError(f"depth must be an int >= 1, got {depth!r}")
+        if not callable(keys):
+            raise TypeError(f"keys must be a callable batch -> {{table: keys}}, got {type(keys).__name__}")
+        if not (isinstance(tables, Mapping) or hasattr(tables, "table")):
+            raise TypeError(f"tables must be a Store or a mapping name -> Table, got {type(tables).__name__}")
+        self.loader = loader
+        self.keys = keys
+        self.tables = tables
+        self.depth = depth
+        self.close_timeout = close_timeout
+        self._worker: _Worker | None = None
+
+    def __iter__(self) -> Iterator:
+        self.close()
+        self._worker = _Worker(self.loader, self.keys, self.tables, self.depth)
+        return _PrefetchIterator(self._worker)
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    @property
+    def running(self) -> bool:
+        """Whether a worker thread of this Prefetcher is alive."""
+        return self._worker is not None and self._worker.alive
+
+    def close(self) -> None:
+        """Stop the current pass and wait (up to close_timeout) for its thread to end. Idempotent."""
+        w, self._worker = self._worker, None
+        if w is not None:
+            w.stop(self.close_timeout)
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@atexit.register
+def _stop_all_workers() -> None:
+    workers = list(_workers)
+    for w in workers:
+        w.stop(timeout=None)
+    for w in workers:
+        w.stop(timeout=EXIT_JOIN_SECONDS)

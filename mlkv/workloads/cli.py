@@ -1,0 +1,275 @@
+"""`mlkv train dlrm|kge|gnn`: the flags of the training workloads and the handler that runs them.
+
+Torch-free on purpose: the `mlkv` command builds this parser for every subcommand, and importing torch would
+add seconds to `mlkv info`. The handler imports the runner and the workload only when it runs.
+Output: per-epoch lines and a summary on stdout (on stderr with --json, whose one JSON object is then the
+only, hence last, line of stdout); progress bars on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from dataclasses import replace
+from typing import Any
+
+from ..engine import ENGINES
+
+KG_DATASETS = ("nations", "kinships", "umls", "ml100k-kg", "wordnet")
+KGE_MODELS = ("distmult", "complex", "transe")
+
+
+def _dlrm_flags(parser: argparse.ArgumentParser) -> None:
+    p = parser.add_argument_group("dlrm options")
+    p.add_argument("--data", metavar="FILE", help="Criteo-format training file (default: synthetic data)")
+    p.add_argument(
+        "--test-data", metavar="FILE", help="Criteo-format test file (default: the tail of --data)"
+    )
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.1,
+        help="share of --data's bytes held out for testing without --test-data (default 0.1)",
+    )
+    p.add_argument("--max-samples", type=int, help="train on at most this many samples per epoch")
+    p.add_argument("--max-test-samples", type=int, help="evaluate on at most this many samples")
+    p.add_argument("--dim", type=int, default=16, help="embedding dimension (default 16)")
+    g = parser.add_argument_group("synthetic data (when --data is not given; generated once, then cached)")
+    g.add_argument("--samples", type=int, default=1_000_000, help="training samples (default 1,000,000)")
+    g.add_argument("--test-samples", type=int, default=100_000, help="test samples (default 100,000)")
+    g.add_argument(
+        "--scale",
+        type=float,
+        default=0.05,
+        help="ids per column = Criteo Kaggle cardinality x SCALE (default 0.05)",
+    )
+    g.add_argument("--zipf", type=float, default=1.05, help="Zipf exponent of the ids (default 1.05)")
+    g.add_argument("--data-dir", help="cache of generated files (default $MLKV_DATA_DIR or ~/.cache/mlkv)")
+
+
+def _kge_flags(parser: argparse.ArgumentParser) -> None:
+    p = parser.add_argument_group("kge options")
+    p.add_argument(
+        "--model", choices=KGE_MODELS, default="complex", help="scoring function (default complex)"
+    )
+    p.add_argument("--dim", type=int, default=128, help="embedding dimension (default 128)")
+    p.add_argument(
+        "--negatives",
+        type=int,
+        default=256,
+        help="entities shared by a batch as corrupted heads and tails (default 256)",
+    )
+    p.add_argument(
+        "--reg", type=float, default=1e-3, help="L2 regularisation of the batch's rows (default 1e-3)"
+    )
+    p.add_argument(
+        "--eval-triples",
+        type=int,
+        default=2000,
+        help="validation triples scored after each epoch (the final test uses all; default 2000)",
+    )
+
+
+def _gnn_flags(parser: argparse.ArgumentParser) -> None:
+    p = parser.add_argument_group("gnn options")
+    p.add_argument("--dim", type=int, default=64, help="node embedding and hidden dimension (default 64)")
+    p.add_argument("--layers", type=int, choices=(1, 2), default=2, help="GraphSAGE layers (default 2)")
+    p.add_argument(
+        "--fanout",
+        type=int,
+        nargs="+",
+        default=[10, 5],
+        help="neighbours sampled per node, one number per layer, outermost first (default 10 5)",
+    )
+
+
+# name -> (module, class, help, extra flags, default dataset, datasets, defaults of the shared flags)
+WORKLOADS: dict[str, tuple] = {
+    "dlrm": (
+        "mlkv.workloads.dlrm", "DLRMWorkload", "DLRM on Criteo-format click logs (default: synthetic Criteo)",
+        _dlrm_flags, "synthetic", ("synthetic", "criteo"),
+        {"epochs": 1, "batch_size": 4096, "lr": 0.05, "cache_bytes": "16MiB"},
+    ),
+    "kge": (
+        "mlkv.workloads.kge", "KGEWorkload", "knowledge-graph embeddings (DistMult, ComplEx, TransE)",
+        _kge_flags, "umls", KG_DATASETS,
+        {"epochs": 20, "batch_size": 512, "lr": 0.1, "cache_bytes": "1MiB"},
+    ),
+    "gnn": (
+        "mlkv.workloads.gnn", "GNNWorkload", "GraphSAGE link prediction on the MovieLens-100k graph",
+        _gnn_flags, "ml100k", ("ml100k",),
+        {"epochs": 5, "batch_size": 1024, "lr": 0.05, "cache_bytes": "1MiB"},
+    ),
+}  # fmt: skip
+
+
+def _shared_flags(p: argparse.ArgumentParser, dataset: str, datasets: tuple, d: dict[str, Any]) -> None:
+    p.add_argument("--path", help="store directory (default: a temporary one, deleted at the end)")
+    p.add_argument("--dataset", choices=datasets, default=dataset, help=f"dataset (default {dataset})")
+    p.add_argument("--epochs", type=int, default=d["epochs"], help=f"epochs (default {d['epochs']})")
+    p.add_argument("--seed", type=int, default=0, help="seed of everything random (default 0)")
+    p.add_argument(
+        "--cache-bytes",
+        default=d["cache_bytes"],
+        help=f"memory tier budget, e.g. 64MiB (default {d['cache_bytes']})",
+    )
+    p.add_argument(
+        "--staleness-bound", type=int, default=0, help="updates a read may miss; 0 is exact (default 0)"
+    )
+    p.add_argument(
+        "--lookahead",
+        type=int,
+        default=8,
+        help="batches the prefetcher announces ahead; 0 turns it off (default 8)",
+    )
+    p.add_argument("--engine", choices=ENGINES, default="slab", help="storage engine (default slab)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --path")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also checkpoint every STEPS steps (default: at the end of each epoch)",
+    )
+    p.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also train the same model in memory with plain PyTorch and compare",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=d["batch_size"],
+        help=f"samples per step (default {d['batch_size']})",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=d["lr"],
+        help=f"Adagrad learning rate of the embeddings (default {d['lr']})",
+    )
+    p.add_argument(
+        "--dense-lr", type=float, default=1e-3, help="Adam learning rate of the dense layers (default 1e-3)"
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; fixed for determinism)")
+    p.add_argument("--max-steps", type=int, help="stop each epoch after this many steps (smoke tests)")
+    p.add_argument(
+        "--json", action="store_true", help="print the result as one JSON object (last line of stdout)"
+    )
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def add_train_parsers(subparsers) -> argparse.ArgumentParser:
+    """Add `train` with its workloads to an argparse subparsers object; handlers are set as `func`."""
+    train = subparsers.add_parser(
+        "train", help="train DLRM, knowledge-graph embeddings or a GNN on mlkv tables"
+    )
+    sub = train.add_subparsers(dest="workload", metavar="WORKLOAD")
+    for name, (_, _, help_, flags, dataset, datasets, defaults) in WORKLOADS.items():
+        about = (
+            "Reports accuracy, throughput, hit rate and stall time; "
+            "--baseline adds the same model trained in memory with PyTorch."
+        )
+        p = sub.add_parser(name, help=help_, description=f"{help_}. {about}")
+        _shared_flags(p, dataset, datasets, defaults)
+        flags(p)
+        p.set_defaults(func=cmd_train)
+    train.set_defaults(func=lambda _: _usage(train))
+    return train
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _validate(args: argparse.Namespace) -> None:
+    for flag in ("epochs", "batch_size", "threads"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.staleness_bound < 0 or args.lookahead < 0 or args.checkpoint_every < 0:
+        raise ValueError("--staleness-bound, --lookahead and --checkpoint-every must be >= 0")
+    if args.workload == "dlrm" and args.dataset == "criteo" and not args.data:
+        raise ValueError("--dataset criteo needs --data FILE (a Criteo Kaggle/Terabyte file)")
+
+
+def make_workload(args: argparse.Namespace):
+    module, cls = WORKLOADS[args.workload][:2]
+    return getattr(importlib.import_module(module), cls)(args)
+
+
+def config_from_args(args: argparse.Namespace, log=None):
+    from .runner import TrainConfig
+
+    return TrainConfig(
+        path=args.path, epochs=args.epochs, seed=args.seed, cache_bytes=args.cache_bytes,
+        staleness_bound=args.staleness_bound, lookahead=args.lookahead, engine=args.engine,
+        resume=args.resume, dense_lr=args.dense_lr, checkpoint_every=args.checkpoint_every,
+        threads=args.threads, max_steps=args.max_steps, progress=args.progress, log=log,
+    )  # fmt: skip
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def summary(report: dict[str, Any], metrics: tuple[str, ...]) -> list[str]:
+    """Human-readable lines of a report (and of its baseline, if any)."""
+    r = report
+    shown = "  ".join(f"{m} {r[m]:.4f}" for m in metrics)
+    budget = r["cache_bytes"] / max(r["table_bytes"], 1)
+    lines = [
+        f"{r['workload']} on {r['dataset']}: {r['samples']:,} samples in {r['epochs']} epoch(s)",
+        f"mlkv ({r['engine']} engine, staleness bound {r['staleness_bound']}, look-ahead {r['lookahead']}): "
+        f"{r['split']} {shown}  final_loss {r['final_loss']:.4f}",
+        f"  {r['samples_per_s']:,.0f} samples/s  hit rate {100 * r['hit_rate']:.1f}% "
+        f"({r['lookahead_rows']:,} rows brought in by look-ahead)  stall {r['stall_seconds']:.1f} s "
+        f"({100 * r['stall_fraction']:.1f}% of {r['train_seconds']:.1f} s)",
+        f"  tables: {r['table_rows']:,} rows, {_size(r['table_bytes'])} with optimizer state; "
+        f"memory tier budget {_size(r['cache_bytes'])} ({100 * budget:.0f}% of that)",
+    ]
+    if "bayes_auc" in report:
+        lines.append(
+            f"  the hidden model's own AUC on the test data (the ceiling): {report['bayes_auc']:.4f}"
+        )
+    base = report.get("baseline")
+    if base:
+        diff = "  ".join(f"{m} {base[m]:.4f} ({report[m] - base[m]:+.4f})" for m in metrics)
+        lines.append(
+            f"in-memory PyTorch baseline: {base['split']} {diff}  final_loss {base['final_loss']:.4f}"
+        )
+        lines.append(f"  {base['samples_per_s']:,.0f} samples/s  (mlkv minus baseline in parentheses)")
+    return lines
+
+
+def _headline_metrics(report: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(m for m in ("auc", "logloss", "mrr", "hits@1", "hits@3", "hits@10") if m in report)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .runner import train
+
+    _validate(args)
+    log = sys.stderr if args.json else sys.stdout
+    workload = make_workload(args)
+    cfg = config_from_args(args, log)
+    report = train(workload, cfg, backend="mlkv")
+    if args.baseline:
+        print("training the in-memory PyTorch baseline ...", file=log, flush=True)
+        base = train(workload, replace(cfg, resume=False, path=None), backend="torch")
+        keep = ("final_loss", "samples_per_s", "split", "train_seconds", *_headline_metrics(base))
+        report["baseline"] = {k: base[k] for k in keep}
+    for line in summary(report, _headline_metrics(report)):
+        print(line, file=log)
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+__all__ = ["WORKLOADS", "add_train_parsers", "cmd_train", "config_from_args", "make_workload", "summary"]

@@ -82,8 +82,8 @@ class StalenessGate:
                 if left <= 0:
                     raise StalenessTimeout(
                         f"table {self.table!r}: {stuck} keys still had more than {bound} outstanding reads "
-                        f"by other readers after {timeout:g} s (staleness_bound={bound}); is a reader holding "
-                        f"rows it never updates or releases?"
+                        f"by other readers after {timeout:g} s (staleness_bound={bound}); does a reader "
+                        f"hold rows it never updates or releases?"
                     )
                 self._cond.wait(left)
                 stuck = int((self._others_holding(keys, reader) > bound).sum())

@@ -351,15 +351,18 @@ class Store:
                 return self._engine.verify()
 
     # ---- lifetime -----------------------------------------------------------------------------------
-    def close(self) -> None:
-        """Checkpoint outstanding writes (metadata None) and release the store. Idempotent."""
+    def close(self, checkpoint: bool = True) -> None:
+        """Checkpoint outstanding writes (metadata None) and release the store. Idempotent.
+
+        checkpoint=False releases without committing: reopening gives the last checkpoint (what a job that
+        failed midway wants, so that a resume starts from state it knows)."""
         with self._lock:
             if not self._open:
                 return
             try:
                 while self._checkpointing:
                     self._cond.wait()
-                if not self.readonly and self._changed:
+                if checkpoint and not self.readonly and self._changed:
                     self._checkpoint_locked(None)
             finally:
                 self._open = False

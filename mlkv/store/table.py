@@ -211,6 +211,10 @@ class Table:
         rows = self.tier.data.take(slots, axis=0)
         return rows if self.width == self.dim else rows[:, : self.dim]
 
+    @property
+    def store(self) -> Store:
+        return self._store
+
     def _reader(self, reader: Hashable | None) -> Hashable:
         return threading.get_ident() if reader is None else reader
 
@@ -407,7 +411,7 @@ class Table:
         self._queue_write(*self.tier.take_dirty())
 
     def flush(self) -> None:
-        """Queue every dirty row for the engine and wait until it is there (durable at the next checkpoint)."""
+        """Queue every dirty row for the engine and wait until it is there (durable at next checkpoint)."""
         st = self._store
         with st._lock:
             st._check_open(self)

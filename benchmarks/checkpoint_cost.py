@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 import mlkv
+from mlkv.engine.key_index import hash64
 
 DIM = 16
 TABLE = "emb"
@@ -34,15 +35,8 @@ TABLE = "emb"
 
 def hashed_ids(n: int) -> np.ndarray:
     """n distinct 64-bit keys that look like hashed feature ids (splitmix64 of 0..n-1)."""
-    z = np.arange(n, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        z += np.uint64(0x9E3779B97F4A7C15)
-        z ^= z >> np.uint64(30)
-        z *= np.uint64(0xBF58476D1CE4E5B9)
-        z ^= z >> np.uint64(27)
-        z *= np.uint64(0x94D049BB133111EB)
-        z ^= z >> np.uint64(31)
-    return z
+        return hash64(np.arange(n, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15))
 
 
 def machine() -> str:

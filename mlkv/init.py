@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .engine.key_index import hash64
 from .errors import InvalidArgumentError, InvalidTypeError
 
 #: (keys: uint64 array, dim, salt) -> float32 (len(keys), dim)
@@ -25,14 +26,7 @@ _GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's stream increment
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def _mix64(z: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser, in place on a uint64 array (a bijection with good avalanche)."""
-    z ^= z >> np.uint64(30)
-    z *= np.uint64(0xBF58476D1CE4E5B9)
-    z ^= z >> np.uint64(27)
-    z *= np.uint64(0x94D049BB133111EB)
-    z ^= z >> np.uint64(31)
-    return z
+_mix64 = hash64  # splitmix64's finaliser: a bijection on uint64 with good avalanche
 
 
 def _mix_int(x: int) -> int:

@@ -91,8 +91,13 @@ def load(snapshot: str | None, log: str | None, log_len: int) -> tuple[np.ndarra
         parts_k.append(k)
         parts_s.append(s)
     if log and log_len:
-        with open(log, "rb") as f:
-            buf = memoryview(f.read(log_len))
+        try:
+            with open(log, "rb") as f:
+                buf = memoryview(f.read(log_len))
+        except FileNotFoundError:
+            raise CorruptionError(
+                log, 0, f"index log missing; the manifest commits {log_len} bytes"
+            ) from None
         if len(buf) < log_len:
             raise CorruptionError(log, len(buf), f"log shorter than the committed {log_len} bytes")
         off = 0

@@ -183,7 +183,9 @@ class Store:
             raise InvalidTypeError(
                 f"optimizer must be an mlkv.optim optimizer or None, got {type(optimizer).__name__}"
             )
-        if staleness_bound is not None and (not isinstance(staleness_bound, int) or staleness_bound < 0):
+        if staleness_bound is not None and (
+            isinstance(staleness_bound, bool) or not isinstance(staleness_bound, int) or staleness_bound < 0
+        ):
             raise InvalidArgumentError(
                 f"staleness_bound must be an int >= 0 or None, got {staleness_bound!r}"
             )

@@ -83,8 +83,11 @@ def load(snapshot: str | None, log: str | None, log_len: int) -> tuple[np.ndarra
     """Replay snapshot + the first `log_len` bytes of the log into final (keys, slots), deletions dropped."""
     parts_k, parts_s = [], []
     if snapshot:
-        with open(snapshot, "rb") as f:
-            buf = memoryview(f.read())
+        try:
+            with open(snapshot, "rb") as f:
+                buf = memoryview(f.read())
+        except FileNotFoundError:
+            raise CorruptionError(snapshot, 0, "index snapshot named by the manifest is missing") from None
         _, k, s, end = _unpack(snapshot, buf, 0, SNAP_MAGIC)
         if end != len(buf):
             raise CorruptionError(snapshot, end, "trailing bytes after snapshot")

@@ -47,6 +47,8 @@ def test_help_lists_the_commands(capsys):
         assert command in out
     rc, out, _ = _run(capsys, "bench", "store", "--help")
     assert rc == 0 and "--engines" in out and "--dist" in out
+    for flag in ("--only", "--lookahead", "--threads", "--compute-ms"):
+        assert flag in out
 
 
 @pytest.mark.parametrize("engine", ["slab", "rocksdb"])
@@ -187,6 +189,59 @@ def test_bench_store_small_run(tmp_path, capsys):
     assert cached["hit_rate"] == 1.0
     assert report["ratios"][0]["name"].startswith("slab cached get / numpy in-memory gather")
     assert os.listdir(tmp_path) == []  # the stores were removed
+
+
+def test_bench_lookahead_small_run(tmp_path, capsys):
+    """`--only lookahead` on a tiny table: every (regime, K, T) run is there, with ratios to K=0 and T=1."""
+    argv = [
+        "bench", "store", "--only", "lookahead", "--keys", "4000", "--dim", "8", "--batch", "128",
+        "--lookahead", "1,4", "--threads", "2", "--compute-ms", "1", "--la-batches", "6", "--la-warmup", "2",
+        "--path", str(tmp_path), "--no-progress",
+    ]  # fmt: skip
+    rc, out, _ = _run(capsys, *argv, "--json")
+    assert rc == 0
+    report = json.loads(out)
+    assert report["results"] == [] and report["ratios"] == []  # the get/update measurements were skipped
+    la = report["lookahead"]
+    assert la["config"]["depths"] == [0, 1, 4] and la["config"]["threads"] == [1, 2]
+    assert la["config"]["regimes"] == ["warm", "cold"] and la["config"]["staleness_bound"] == 1
+    want = {(r, k, t) for r in ("warm", "cold") for k in (0, 1, 4) for t in (1, 2)}
+    assert {(r["regime"], r["depth"], r["threads"]) for r in la["runs"]} == want
+    assert {(r["regime"], r["depth"], r["threads"]) for r in la["summary"]} == want
+    for run in la["runs"]:
+        assert run["batches"] == 6 and sum(run["per_thread_batches"]) == 6
+        assert run["batches_per_s"] > 0 and run["keys_per_s"] == pytest.approx(128 * run["batches_per_s"])
+        assert 0 <= run["hit_rate"] <= 1 and run["stall_seconds"] >= 0
+        assert run["lookahead_dropped"] >= 0 and run["misses"] >= 0
+        assert (run["lookahead_rows"] > 0) == (run["depth"] > 0)
+    for row in la["summary"]:
+        assert row["throughput_vs_k0"] > 0 and row["throughput_vs_t1"] > 0
+        if row["depth"] == 0:
+            assert row["throughput_vs_k0"] == 1.0
+        if row["threads"] == 1:
+            assert row["throughput_vs_t1"] == 1.0
+        for key in ("hidden_stall", "hidden_wall", "stall_ms_per_batch", "store_ms_per_batch"):
+            assert key in row
+    assert set(la["target"]) >= {"depth", "target", "hidden_stall", "hidden_wall"}
+    assert la["target"]["depth"] == 8 and la["target"]["hidden_stall"] is None  # K=8 was not run
+    assert os.listdir(tmp_path) == []
+
+    rc, out, _ = _run(capsys, *argv[:-1], "--la-regimes", "cold", "--threads", "1", "--la-repeats", "2")
+    assert rc == 0  # the table: one line per (regime, K, T), medians of the repeats
+    lines = out.splitlines()
+    assert any(
+        line.startswith("look-ahead: slab engine") and "median of 2 repeat(s)" in line for line in lines
+    )
+    assert sum(line.startswith("cold ") for line in lines) == 3
+    assert not any(line.startswith("warm ") for line in lines)
+
+
+def test_bench_lookahead_rejects_bad_arguments(capsys):
+    for argv in (["--lookahead", "x"], ["--lookahead", "-1"], ["--la-regimes", "hot"], ["--only", "nope"]):
+        rc, _, err = _run(capsys, "bench", "store", *argv)
+        assert rc == 2 and "usage" in err, argv
+    rc, _, err = _run(capsys, "bench", "store", "--only", "lookahead", "--threads", "0", "--keys", "100")
+    assert rc == 2 and "--threads" in err
 
 
 def test_console_entry_point(slab_store):

@@ -35,7 +35,9 @@ import mlkv
 
 from ..engine import ENGINES
 from ..engine.key_index import hash64
+from . import lookahead_bench
 from .keys import DISTRIBUTIONS, KeyStream
+from .lookahead_bench import evict_store
 from .timing import (
     COLD_METHOD,
     Timing,
@@ -74,6 +76,17 @@ class BenchConfig:
     path: str | None = None
     seed: int = 0
     progress: bool = True
+    only: str | None = None  # "store" (the get/update measurements) or "lookahead"; None: both
+    # the look-ahead part (lookahead_bench): depths K, trainer threads T, simulated compute per batch
+    depths: tuple[int, ...] = (0, 1, 8, 64)
+    threads: int = 1
+    compute_ms: float = 20.0
+    la_batches: int = 48  # timed batches per run
+    la_warmup: int = 32  # untimed batches before each run
+    la_regimes: tuple[str, ...] = ("warm", "cold")
+    la_repeats: int = 1
+    la_engine: str = "slab"
+    io_threads: int = 4
 
 
 @dataclass
@@ -256,16 +269,8 @@ def _bench_engine(
         if on_disk:
             step(f"{engine}: cold get")
 
-            def evict() -> None:
-                store.flush()
-                db = getattr(store._engine, "_db", None)  # RocksDB: rows still in its memtable -> SST files
-                if db is not None:
-                    db.flush()
-                store._engine.evict_page_cache()
-                evict_files(path)
-
             store.reset_stats()
-            timing = measure_cold(get, stream.batches(), cfg.cold_seconds, evict)
+            timing = measure_cold(get, stream.batches(), cfg.cold_seconds, lambda: evict_store(store, path))
             out.append(_result(engine, "cold get", timing, _hit_rate(store), small_note + ", " + COLD_METHOD))
             warm_files(path)
 
@@ -358,8 +363,7 @@ def machine(root: str) -> dict:
     }
 
 
-def run_store_bench(cfg: BenchConfig) -> dict:
-    """Run every measurement; return a JSON-able report (config, machine, results, ratios)."""
+def _check(cfg: BenchConfig) -> None:
     for e in cfg.engines:
         if e not in ENGINES:
             raise ValueError(f"unknown engine {e!r}; engines: {', '.join(ENGINES)}")
@@ -367,11 +371,35 @@ def run_store_bench(cfg: BenchConfig) -> dict:
         raise ValueError("--keys, --dim and --batch must be positive")
     if cfg.seconds <= 0 or cfg.cold_seconds <= 0 or not 0 < cfg.small_tier <= 1:
         raise ValueError("--seconds and --cold-seconds must be > 0 and --small-tier in (0, 1]")
+    if cfg.only not in (None, "store", "lookahead"):
+        raise ValueError(f"--only must be 'store' or 'lookahead', got {cfg.only!r}")
+    if not cfg.depths or min(cfg.depths) < 0 or 0 not in cfg.depths:
+        raise ValueError(f"--lookahead must list depths >= 0 including 0, got {cfg.depths}")
+    if cfg.threads < 1 or cfg.io_threads < 1 or cfg.la_repeats < 1 or cfg.la_warmup < 0:
+        raise ValueError("--threads, --io-threads and --la-repeats must be >= 1, --la-warmup >= 0")
+    if cfg.la_batches < cfg.threads or cfg.compute_ms < 0:
+        raise ValueError("--la-batches must be >= --threads and --compute-ms >= 0")
+    if not cfg.la_regimes or any(r not in lookahead_bench.REGIMES for r in cfg.la_regimes):
+        raise ValueError(f"--la-regimes must be a comma list of {', '.join(lookahead_bench.REGIMES)}")
+    if cfg.la_engine not in lookahead_bench.ENGINES:
+        raise ValueError(f"--la-engine must be one of {', '.join(lookahead_bench.ENGINES)}")
+
+
+def run_store_bench(cfg: BenchConfig) -> dict:
+    """Run every measurement; return a JSON-able report (config, machine, results, ratios, lookahead)."""
+    _check(cfg)
+    do_store, do_lookahead = cfg.only in (None, "store"), cfg.only in (None, "lookahead")
     if cfg.path is not None:
         os.makedirs(cfg.path, exist_ok=True)
     root = tempfile.mkdtemp(prefix="mlkv-bench-", dir=cfg.path)
     bar_opts = {"file": sys.stderr, "disable": not cfg.progress, "leave": False, "dynamic_ncols": True}
-    total_steps = 5 + sum(6 if e == "memory" else 7 for e in cfg.engines)
+    total_steps = 1
+    if do_store:
+        total_steps += 4 + sum(6 if e == "memory" else 7 for e in cfg.engines)
+    if do_lookahead:
+        total_steps += lookahead_bench.steps(cfg)
+    results: list[Result] = []
+    lookahead = None
     try:
         with tqdm(total=total_steps, desc="bench store", unit="step", **bar_opts) as steps:
             started = [False]
@@ -385,22 +413,28 @@ def run_store_bench(cfg: BenchConfig) -> dict:
             step("generating rows and key batches")
             data = _Data(cfg)
             stream = KeyStream(data.keys, cfg.batch, cfg.dist, cfg.alpha, cfg.seed)
-            results = _baselines(cfg, data, stream, root, step)
-            for engine in cfg.engines:
-                results += _bench_engine(engine, cfg, data, stream, root, step, bar_opts)
+            if do_store:
+                results = _baselines(cfg, data, stream, root, step)
+                for engine in cfg.engines:
+                    results += _bench_engine(engine, cfg, data, stream, root, step, bar_opts)
+            if do_lookahead:
+                lookahead = lookahead_bench.run_lookahead_bench(cfg, data, stream, root, step, bar_opts)
             steps.update(1)
         info = machine(root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     config = asdict(cfg)
     config.update(row_bytes=data.row_bytes, table_bytes=data.table_bytes, optimizer="adagrad")
-    return {
+    report = {
         "config": config,
         "machine": info,
         "cold": COLD_METHOD,
         "results": [asdict(r) for r in results],
         "ratios": _ratios(results),
     }
+    if lookahead is not None:
+        report["lookahead"] = lookahead
+    return report
 
 
 # ---- presentation ---------------------------------------------------------------------------------------
@@ -422,6 +456,8 @@ def format_report(report: dict) -> str:
         "",
         f"{'subject':<8} {'measurement':<28} {'keys/s':>10} {'hit rate':>9}  note",
     ]
+    if not report["results"]:
+        lines = lines[:2]  # --only lookahead: no store measurements
     for r in report["results"]:
         hit = "" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
         lines.append(
@@ -435,6 +471,8 @@ def format_report(report: dict) -> str:
             else:
                 target, verdict = f">= {q['target']}", "meets" if q["meets"] else "MISSES"
             lines.append(f"{q['name']:<62} {q['value']:>8.3f} {target:>8}  {verdict}")
+    if report.get("lookahead"):
+        lines += ["", lookahead_bench.format_lookahead(report["lookahead"], _rate)]
     return "\n".join(lines)
 
 
@@ -461,6 +499,25 @@ def _count(text: str) -> int:
     return n
 
 
+def _depths(text: str) -> tuple[int, ...]:
+    try:
+        depths = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma list of depths like 0,1,8,64, got {text!r}"
+        ) from None
+    if not depths or depths[0] < 0:
+        raise argparse.ArgumentTypeError(f"depths must be ints >= 0, got {text!r}")
+    return tuple(sorted({0, *depths}))  # ratios are to K = 0, so it is always measured
+
+
+def _regimes(text: str) -> tuple[str, ...]:
+    names = tuple(r.strip() for r in text.split(",") if r.strip())
+    if not names or any(r not in lookahead_bench.REGIMES for r in names):
+        raise argparse.ArgumentTypeError(f"regimes must be a comma list of warm,cold, got {text!r}")
+    return names
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = BenchConfig()
     p.add_argument("--keys", type=_count, default=d.keys, help="table rows, e.g. 1000000 or 1M (%(default)s)")
@@ -480,6 +537,53 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--path", default=None, help="directory for the stores (default: a temp dir); cleaned up")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--only",
+        choices=("store", "lookahead"),
+        default=None,
+        help="run only the get/update measurements or only the look-ahead loop (default: both)",
+    )
+    la = p.add_argument_group(
+        "look-ahead",
+        "a training loop (lookahead(batch i+K), get(batch i), sleep compute-ms, update(batch i)) over "
+        "the same key batches, warm and cold, for each depth K and trainer thread count; "
+        "ratios to K=0 and T=1",
+    )
+    la.add_argument(
+        "--lookahead", type=_depths, default=d.depths, metavar="K[,K...]",
+        help="look-ahead depths in batches; 0 is always included (default: 0,1,8,64)",
+    )  # fmt: skip
+    la.add_argument(
+        "--threads", type=int, default=d.threads, metavar="T",
+        help="trainer threads; T > 1 also runs T = 1 for the ratio (%(default)s)",
+    )  # fmt: skip
+    la.add_argument(
+        "--compute-ms", type=float, default=d.compute_ms, help="simulated compute per batch (%(default)s)"
+    )
+    la.add_argument(
+        "--la-batches", type=int, default=d.la_batches, help="timed batches per run (%(default)s)"
+    )
+    la.add_argument(
+        "--la-warmup", type=int, default=d.la_warmup, help="untimed batches before each run (%(default)s)"
+    )
+    la.add_argument(
+        "--la-regimes", type=_regimes, default=d.la_regimes, help="comma list of warm,cold (default: both)"
+    )
+    la.add_argument(
+        "--la-repeats", type=int, default=d.la_repeats, help="runs of every setting; medians (%(default)s)"
+    )
+    la.add_argument(
+        "--la-engine",
+        choices=lookahead_bench.ENGINES,
+        default=d.la_engine,
+        help="engine of the look-ahead store (%(default)s)",
+    )
+    la.add_argument(
+        "--io-threads",
+        type=int,
+        default=d.io_threads,
+        help="the store's look-ahead I/O threads (%(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
 
@@ -498,6 +602,16 @@ def main(args: argparse.Namespace) -> int:
         path=args.path,
         seed=args.seed,
         progress=not args.no_progress,
+        only=args.only,
+        depths=args.lookahead,
+        threads=args.threads,
+        compute_ms=args.compute_ms,
+        la_batches=args.la_batches,
+        la_warmup=args.la_warmup,
+        la_regimes=args.la_regimes,
+        la_repeats=args.la_repeats,
+        la_engine=args.la_engine,
+        io_threads=args.io_threads,
     )
     report = run_store_bench(cfg)
     print(json.dumps(report, indent=2) if args.json else format_report(report))

@@ -116,6 +116,32 @@ class KeyIndex:
             return
         if (self.used + n) * 2 > len(self.keys):
             self._rebuild(self.live + n)
+            if self.used == 0:
+                return self._fill_empty(keys, vals)
+        if self.used == 0:
+            return self._fill_empty(keys, vals)
+        self._insert_rounds(keys, vals)
+
+    def _fill_empty(self, keys: np.ndarray, vals: np.ndarray) -> None:
+        """Bulk insert into an empty table (open, rebuild) in one pass, no probe rounds: in home order, key i
+        lands at max(home_i, position of key i-1 + 1), a running maximum. The few that run past the end of
+        the table wrap around through the general path."""
+        n = len(keys)
+        home = self._home(keys)
+        order = np.argsort(home, kind="stable")
+        steps = np.arange(n)
+        pos = np.maximum.accumulate(home[order] - steps) + steps
+        fits = pos <= self._mask
+        at = order[fits]
+        self.keys[pos[fits]] = keys[at]
+        self.vals[pos[fits]] = vals[at]
+        self.used = self.live = int(fits.sum())
+        if not fits.all():
+            rest = order[~fits]
+            self._insert_rounds(keys[rest], vals[rest])
+
+    def _insert_rounds(self, keys: np.ndarray, vals: np.ndarray) -> None:
+        n = len(keys)
         pos = self._home(keys)
         todo = np.arange(n)
         mask = self._mask

@@ -151,7 +151,9 @@ class Store:
             raise StoreClosedError(f"table {table.name!r} was dropped from {self.path}")
 
     def _enter(self, table: Table | None = None) -> None:
-        """Guard of every row operation (store lock held): open, and no checkpoint in progress."""
+        """Guard of every row operation (store lock held): open, no checkpoint in progress, and write-back
+        backpressure applied here, before the operation has changed anything (see WriteBack.throttle)."""
+        self._writeback.throttle(self._stats)
         while self._checkpointing:
             self._cond.wait()
         self._check_open(table)

@@ -162,7 +162,9 @@ class Table:
                 return slots, tier.data[slots]
             if not (len(self._inflight) and (self._inflight.lookup(keys[miss]) >= 0).any()):
                 break
+            t0 = time.perf_counter()
             st._cond.wait()  # another thread is reading some of them: wait for it rather than read twice
+            st._stats["stall_seconds"] += time.perf_counter() - t0  # waiting for that read is a disk stall
         hit_keys = keys[~miss]
         tier.pins[slots[~miss]] += 1  # keep the batch's resident rows while the lock is released
         st._stats["hits"] += len(hit_keys)

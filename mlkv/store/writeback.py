@@ -3,9 +3,9 @@
 Eviction, flush, spilled rows and deletes append an operation to the queue and return. Until an operation
 has reached the engine it stays readable here (newest first), so a row evicted a moment ago is never read
 back stale from the engine. One writer thread applies operations in FIFO order, so the engine always ends
-with the newest version. The queue is bounded (`limit_bytes`): an evicting thread that finds it full waits,
-which is counted as stall time. A failed write (full disk) stops the queue and is raised by the next
-flush/checkpoint; nothing queued is dropped, and the store stays openable at its last checkpoint.
+with the newest version. The queue is bounded (`limit_bytes`): a row operation that starts while it is full
+waits (`throttle`), which is counted as stall time. A failed write (full disk) stops the queue and is raised
+by the next flush/checkpoint; nothing queued is dropped, and the store stays openable at its last checkpoint.
 """
 
 from __future__ import annotations
@@ -56,11 +56,6 @@ class WriteBack:
         if len(keys) == 0:
             return
         self.raise_error()
-        if self._bytes > self.limit_bytes:  # backpressure: wait for the disk to catch up
-            start = time.perf_counter()
-            while self._bytes > self.limit_bytes and self.error is None:
-                self._cond.wait()
-            stats["stall_seconds"] += time.perf_counter() - start
         op = PendingOp(table, keys, None if rows is None else np.ascontiguousarray(rows))
         self._ops.setdefault(table, []).append(op)
         self._bytes += op.nbytes
@@ -68,6 +63,17 @@ class WriteBack:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="mlkv-writeback")
         self._pool.submit(self._run, op)
+
+    def throttle(self, stats: dict) -> None:
+        """Backpressure: while the queue holds more than `limit_bytes`, wait for the disk to catch up (stall
+        time). Called where a row operation starts, never from `submit`: waiting there releases the store
+        lock mid-operation, with evicted rows in neither the tier nor the queue (a reader meanwhile gets the
+        engine's older row) and loaded rows not yet admitted (another thread loads and admits them too)."""
+        if self._bytes > self.limit_bytes:
+            start = time.perf_counter()
+            while self._bytes > self.limit_bytes and self.error is None:
+                self._cond.wait()
+            stats["stall_seconds"] += time.perf_counter() - start
 
     def _run(self, op: PendingOp) -> None:
         with self._cond:

@@ -106,6 +106,7 @@ class Table:
                 disk_rows, found, secs = self._read_engine(keys[on_disk])
             finally:
                 st._lock.acquire()
+                self._wait_checkpoint()  # the keys stay in flight meanwhile: nobody loads them twice
                 self._inflight.remove(keys)
                 st._cond.notify_all()
             st._stats["stall_seconds"] += secs
@@ -146,9 +147,18 @@ class Table:
     def resize_tier(self, cap: int) -> None:
         self._queue_write(*self.tier.resize(cap))
 
+    def _wait_checkpoint(self) -> None:
+        """After the store lock was released mid-operation: a checkpoint that began meanwhile must end before
+        this operation changes anything, or the checkpoint would hold part of it (the Adam step without the
+        rows) and clear `_changed` under it (close() would then skip it). `Store._enter` does the same for
+        operations that have not begun."""
+        while self._store._checkpointing:
+            self._store._cond.wait()
+
     def _wait_inflight(self, keys: np.ndarray) -> None:
         while len(self._inflight) and (self._inflight.lookup(keys) >= 0).any():
             self._store._cond.wait()
+            self._wait_checkpoint()
 
     def _gather(self, keys: np.ndarray, writable: bool) -> tuple[np.ndarray, np.ndarray]:
         """Rows of distinct keys as of now, admitting misses to the tier: (slots, rows); slot -1 marks a row
@@ -165,6 +175,7 @@ class Table:
             t0 = time.perf_counter()
             st._cond.wait()  # another thread is reading some of them: wait for it rather than read twice
             st._stats["stall_seconds"] += time.perf_counter() - t0  # waiting for that read is a disk stall
+            self._wait_checkpoint()
         hit_keys = keys[~miss]
         tier.pins[slots[~miss]] += 1  # keep the batch's resident rows while the lock is released
         st._stats["hits"] += len(hit_keys)
@@ -243,6 +254,7 @@ class Table:
                     uk, self._reader(reader), self._bound, st.staleness_timeout, st._stats
                 )
             try:
+                self._wait_checkpoint()  # the gate may have waited with the lock released
                 slots = self.tier.lookup(uk)
                 if slots.min(initial=0) >= 0:  # all resident: one gather of just the embedding columns
                     st._stats["hits"] += len(uk)
@@ -316,7 +328,10 @@ class Table:
             self._announced = True
             todo = uk[~resident]
             if len(self._inflight):
-                todo = todo[self._inflight.lookup(todo) < 0]
+                at = self._inflight.lookup(todo)
+                again = at >= 0  # in flight: the admission counts this announcement too (see _lookahead_job)
+                self._inflight.assign(todo[again], at[again] + 1)
+                todo = todo[~again]
             if len(todo) == 0:
                 return
             self._inflight.insert_new(todo, np.zeros(len(todo), dtype=np.int64))
@@ -339,7 +354,8 @@ class Table:
                 st._cond.notify_all()
             return  # the reader that needs these rows reads them itself and sees the error
         with st._lock:
-            self._inflight.remove(keys)
+            self._wait_checkpoint()
+            more = np.maximum(self._inflight.remove(keys), 0)  # announced again while in flight
             st._cond.notify_all()
             if not st._open or st._tables.get(self.name) is not self:
                 return
@@ -353,12 +369,12 @@ class Table:
                 rows[created] = self._new_rows(keys[created])
             # a key may have been loaded by a reader meanwhile: only the still-absent ones are admitted
             absent = self.tier.lookup(keys) < 0
-            keys, rows, created = keys[absent], rows[absent], created[absent]
+            keys, rows, created, more = keys[absent], rows[absent], created[absent], more[absent]
             self._make_room(len(keys), demand=False)
             created &= not st.readonly
             slots = self.tier.admit(keys, rows, created)
             placed = slots >= 0
-            self.tier.announced[slots[placed]] += 1
+            self.tier.announced[slots[placed]] += 1 + more[placed].astype(np.int32)
             spilled = created & ~placed  # a created key exists from now on, cached or not
             self._queue_write(keys[spilled], rows[spilled])
             self._count += int(created.sum())

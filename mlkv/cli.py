@@ -272,10 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=lambda _: _missing(bench))
     store = bench_sub.add_parser(
         "store",
-        help="batched get/update per engine vs numpy gather and memory-mapped files",
+        help="batched get/update per engine vs numpy gather and memory-mapped files; look-ahead depths",
         description="Batched get/update throughput of each engine, warm and cold, beside numpy in-memory "
         "gathers (the memory limit) and a memory-mapped flat file (the disk limit), all in one run. "
-        "Cold = fsync + POSIX_FADV_DONTNEED of the files before every timed batch.",
+        "Cold = fsync + POSIX_FADV_DONTNEED of the files before every timed batch. Then a training loop "
+        "(lookahead K batches ahead, get, simulated compute, update) for each depth K and trainer thread "
+        "count, warm and cold (files evicted once before the loop), as ratios to K=0 and T=1 "
+        "(`--only lookahead` runs just that part).",
     )
     from .bench.store_bench import add_arguments
 

@@ -29,6 +29,7 @@ class MemoryTier:
         self._alloc(0)
         self.index = KeyIndex()
         self.hand = 0
+        self.moves = 0  # counts resizes and removals: the events that can move or free a pinned row
 
     def _alloc(self, cap: int) -> None:
         self.data = np.zeros((cap, self.width), dtype=np.float32)
@@ -57,6 +58,7 @@ class MemoryTier:
 
         Returns the dirty rows that were dropped (keys, rows) for the caller to write back.
         """
+        self.moves += 1
         dropped = self.evict(self.resident - cap) if self.resident > cap else self._no_victims()
         slots = np.flatnonzero(self.used)
         keep = (
@@ -119,6 +121,7 @@ class MemoryTier:
         slots = self.index.lookup(keys)
         slots = slots[slots >= 0]
         if len(slots):
+            self.moves += 1
             self._drop(slots)
 
     def admit(self, keys: np.ndarray, rows: np.ndarray, dirty: np.ndarray) -> np.ndarray:

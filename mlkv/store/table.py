@@ -160,12 +160,16 @@ class Table:
             self._store._cond.wait()
             self._wait_checkpoint()
 
-    def _gather(self, keys: np.ndarray, writable: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _gather(
+        self, keys: np.ndarray, writable: bool, slots: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Rows of distinct keys as of now, admitting misses to the tier: (slots, rows); slot -1 marks a row
-        that found no room and lives only in `rows` (a created one is already queued for the engine)."""
+        that found no room and lives only in `rows` (a created one is already queued for the engine).
+        `slots`: the caller's tier lookup of `keys`, made under the same hold of the lock."""
         tier, st = self.tier, self._store
         while True:
-            slots = tier.lookup(keys)
+            if slots is None:
+                slots = tier.lookup(keys)
             miss = slots < 0
             if not miss.any():
                 st._stats["hits"] += len(keys)
@@ -176,19 +180,28 @@ class Table:
             st._cond.wait()  # another thread is reading some of them: wait for it rather than read twice
             st._stats["stall_seconds"] += time.perf_counter() - t0  # waiting for that read is a disk stall
             self._wait_checkpoint()
+            slots = None
         hit_keys = keys[~miss]
         tier.pins[slots[~miss]] += 1  # keep the batch's resident rows while the lock is released
         st._stats["hits"] += len(hit_keys)
         miss_at = np.flatnonzero(miss)
+        moves = tier.moves  # unchanged: every slot found so far still holds its key (pinned rows stay)
         try:
             loaded, created = self._load(keys[miss_at], writable)
             self._make_room(len(miss_at), demand=True)
-            tier.admit(keys[miss_at], loaded, created)
+            placed = tier.admit(keys[miss_at], loaded, created)
         finally:
-            s = tier.lookup(hit_keys)
-            s = s[s >= 0]
+            if tier.moves == moves:
+                s = slots[~miss]
+            else:
+                s = tier.lookup(hit_keys)
+                s = s[s >= 0]
             tier.pins[s] = np.maximum(tier.pins[s] - 1, 0)
-        slots = tier.lookup(keys)
+        if tier.moves == moves:
+            slots = slots.copy()
+            slots[miss_at] = placed
+        else:
+            slots = tier.lookup(keys)
         inside = slots >= 0
         rows = np.empty((len(keys), self.width), dtype=np.float32)
         rows[inside] = tier.data[slots[inside]]
@@ -260,7 +273,7 @@ class Table:
                     st._stats["hits"] += len(uk)
                     self._consume(slots)
                     return self._embeddings(slots[inv])
-                slots, rows = self._gather(uk, not st.readonly)
+                slots, rows = self._gather(uk, not st.readonly, slots)
             except BaseException:
                 if new is not None:
                     self._gate.resolve(new, self._reader(reader))

@@ -1,10 +1,11 @@
 """MemoryTier: one table's hot rows in preallocated numpy arrays, with CLOCK eviction.
 
-Each resident row is one float32 vector [embedding | optimizer state] in `data`, found through a vectorised
-KeyIndex (key -> slot). Per slot, beside the row: `dirty` (must be written back before it is dropped),
-`ref` (CLOCK's second-chance bit), `pins` (in use by an operation in progress) and `announced` (how many
-look-ahead announcements have not been consumed yet). Pinned and announced rows are never evicted: rows a
-coming batch needs stay. CLOCK rather than FIFO: a row read again since the hand last passed survives one
+Each resident row is [embedding | optimizer state], kept as two arrays, `emb` and `state`, so that a read
+gathers only the embedding bytes (half or a third of the row under Adagrad or Adam); found through a
+vectorised KeyIndex (key -> slot). Per slot, beside the row: `dirty` (must be written back before it is
+dropped), `ref` (CLOCK's second-chance bit), `pins` (in use by an operation in progress) and `announced`
+(look-ahead announcements not consumed yet). Pinned and announced rows are never evicted: rows a coming
+batch needs stay. CLOCK rather than FIFO: a row read again since the hand last passed survives one
 more sweep, so a Zipf head stays resident.
 
 The tier never touches the engine: `evict` hands the dirty victims back to its table, which writes them.
@@ -22,9 +23,10 @@ SLOT_OVERHEAD_BYTES = 8 + 8 + 3 + 32
 
 
 class MemoryTier:
-    def __init__(self, width: int):
-        self.width = width
-        self.row_bytes = 4 * width
+    def __init__(self, dim: int, state_width: int = 0):
+        self.dim = dim
+        self.width = dim + state_width
+        self.row_bytes = 4 * self.width
         self.capacity = 0
         self._alloc(0)
         self.index = KeyIndex()
@@ -32,7 +34,8 @@ class MemoryTier:
         self.moves = 0  # counts resizes and removals: the events that can move or free a pinned row
 
     def _alloc(self, cap: int) -> None:
-        self.data = np.zeros((cap, self.width), dtype=np.float32)
+        self.emb = np.zeros((cap, self.dim), dtype=np.float32)
+        self.state = np.zeros((cap, self.width - self.dim), dtype=np.float32)
         self.keys = np.zeros(cap, dtype=np.uint64)
         self.used = np.zeros(cap, dtype=bool)
         self.dirty = np.zeros(cap, dtype=bool)
@@ -41,6 +44,19 @@ class MemoryTier:
         self.pins = np.zeros(cap, dtype=np.int32)
         self.free = np.arange(cap - 1, -1, -1, dtype=np.int64)
         self.capacity = cap
+
+    def rows(self, slots: np.ndarray) -> np.ndarray:
+        """Whole rows [embedding | state] of `slots`, a new (n, width) array."""
+        out = np.empty((len(slots), self.width), dtype=np.float32)
+        out[:, : self.dim] = self.emb.take(slots, axis=0)
+        if self.width > self.dim:
+            out[:, self.dim :] = self.state.take(slots, axis=0)
+        return out
+
+    def set_rows(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        self.emb[slots] = rows[:, : self.dim]
+        if self.width > self.dim:
+            self.state[slots] = rows[:, self.dim :]
 
     @property
     def nbytes(self) -> int:
@@ -63,14 +79,15 @@ class MemoryTier:
         slots = np.flatnonzero(self.used)
         keep = (
             self.keys[slots],
-            self.data[slots],
+            self.rows(slots),
             self.dirty[slots],
             self.pins[slots],
             self.announced[slots],
         )
         self._alloc(max(cap, len(slots)))
         n = len(slots)
-        self.keys[:n], self.data[:n], self.dirty[:n], self.pins[:n], self.announced[:n] = keep
+        self.keys[:n], rows, self.dirty[:n], self.pins[:n], self.announced[:n] = keep
+        self.set_rows(np.arange(n), rows)
         self.used[:n] = True
         self.ref[:n] = True
         self.free = np.arange(self.capacity - 1, n - 1, -1, dtype=np.int64)
@@ -107,7 +124,7 @@ class MemoryTier:
 
     def _drop(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         dirty = slots[self.dirty[slots]]
-        out = (self.keys[dirty].copy(), self.data[dirty].copy())
+        out = (self.keys[dirty].copy(), self.rows(dirty))
         self.index.remove(self.keys[slots])
         self.used[slots] = False
         self.dirty[slots] = False
@@ -133,7 +150,7 @@ class MemoryTier:
         s = self.free[len(self.free) - k :][::-1]
         self.free = self.free[: len(self.free) - k]
         self.keys[s] = keys[:k]
-        self.data[s] = rows[:k]
+        self.set_rows(s, rows[:k])
         self.used[s] = True
         self.dirty[s] = dirty[:k]
         self.ref[s] = True
@@ -144,6 +161,6 @@ class MemoryTier:
     def take_dirty(self) -> tuple[np.ndarray, np.ndarray]:
         """All dirty rows (keys, rows), now marked clean: what a flush writes back."""
         slots = np.flatnonzero(self.dirty)
-        out = (self.keys[slots].copy(), self.data[slots].copy())
+        out = (self.keys[slots].copy(), self.rows(slots))
         self.dirty[slots] = False
         return out

@@ -50,7 +50,7 @@ class Table:
         self.width = self.dim + self._state_width
         self.step: int = schema.get("step", 0)
         self.staleness_bound: int | None = schema.get("staleness_bound")
-        self.tier = MemoryTier(self.width)
+        self.tier = MemoryTier(self.dim, self._state_width)
         self._schema = schema
         self._gate = StalenessGate(name, store._cond)
         self._inflight = KeyIndex()
@@ -173,7 +173,7 @@ class Table:
             miss = slots < 0
             if not miss.any():
                 st._stats["hits"] += len(keys)
-                return slots, tier.data[slots]
+                return slots, tier.rows(slots)
             if not (len(self._inflight) and (self._inflight.lookup(keys[miss]) >= 0).any()):
                 break
             t0 = time.perf_counter()
@@ -204,7 +204,7 @@ class Table:
             slots = tier.lookup(keys)
         inside = slots >= 0
         rows = np.empty((len(keys), self.width), dtype=np.float32)
-        rows[inside] = tier.data[slots[inside]]
+        rows[inside] = tier.rows(slots[inside])
         spilled = ~inside[miss_at]
         if spilled.any():
             rows[miss_at[spilled]] = loaded[spilled]
@@ -217,7 +217,7 @@ class Table:
         tier = self.tier
         inside = slots >= 0
         s = slots[inside]
-        tier.data[s] = rows[inside]
+        tier.set_rows(s, rows[inside])
         tier.dirty[s] = True
         tier.ref[s] = True
         if not inside.all():
@@ -233,9 +233,8 @@ class Table:
             self.tier.announced[s] = np.maximum(a - 1, 0)
 
     def _embeddings(self, slots: np.ndarray) -> np.ndarray:
-        """Embedding columns of resident rows: `take` of whole rows is ~2x faster than fancy indexing."""
-        rows = self.tier.data.take(slots, axis=0)
-        return rows if self.width == self.dim else rows[:, : self.dim]
+        """Embedding columns of resident rows (`take` is ~2x faster than fancy indexing here)."""
+        return self.tier.emb.take(slots, axis=0)
 
     @property
     def store(self) -> Store:

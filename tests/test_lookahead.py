@@ -15,22 +15,13 @@ import time
 
 import numpy as np
 import pytest
+from thread_helpers import JOIN, Worker, wait_for
 
 import mlkv
 from mlkv.optim import SGD, Adagrad
 
 DIM = 4
 ROW = 4 * DIM  # bytes of a row of a table without optimizer state
-JOIN = 30.0
-
-
-def wait_for(pred, what: str, limit: float = 10.0) -> None:
-    """Poll `pred` until true; fail (not hang) after `limit` seconds."""
-    deadline = time.monotonic() + limit
-    while not pred():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.001)
 
 
 def arrived(store: mlkv.Store, n: int) -> None:
@@ -81,25 +72,6 @@ class GatedReads:
 
     def keys_read(self) -> np.ndarray:
         return np.concatenate(self.calls) if self.calls else np.empty(0, np.uint64)
-
-
-class Worker(threading.Thread):
-    def __init__(self, fn, *args):
-        super().__init__(daemon=True)
-        self.fn, self.args, self.error, self.result = fn, args, None, None
-
-    def run(self) -> None:
-        try:
-            self.result = self.fn(*self.args)
-        except BaseException as e:  # reported by finish()
-            self.error = e
-
-    def finish(self):
-        self.join(JOIN)
-        assert not self.is_alive(), "thread did not finish"
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 def blocked_in(thread: threading.Thread, function: str) -> bool:

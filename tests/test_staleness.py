@@ -19,13 +19,13 @@ import time
 
 import numpy as np
 import pytest
+from thread_helpers import Worker, wait_for
 
 import mlkv
 from mlkv.optim import SGD
 
 SHORT = 0.3  # staleness_timeout of stores in which a test expects a read to time out
 LONG = 10.0  # staleness_timeout of stores in which no read should ever wait long
-JOIN = 60.0  # bound on every thread join
 
 
 def one_step(n: int = 1) -> np.ndarray:
@@ -43,36 +43,6 @@ def make_store(store_factory, tmp_path, *, engine="memory", bound: int = 0, time
 
 def waits(store: mlkv.Store) -> int:
     return store.stats()["staleness_waits"]
-
-
-def wait_for(pred, what: str, limit: float = 10.0) -> None:
-    """Poll `pred` until true; fail (not hang) after `limit` seconds."""
-    deadline = time.monotonic() + limit
-    while not pred():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.001)
-
-
-class Worker(threading.Thread):
-    """A thread that records its exception instead of losing it."""
-
-    def __init__(self, fn, *args, name: str | None = None):
-        super().__init__(daemon=True, name=name)
-        self.fn, self.args, self.error, self.result = fn, args, None, None
-
-    def run(self) -> None:
-        try:
-            self.result = self.fn(*self.args)
-        except BaseException as e:  # reported by finish()
-            self.error = e
-
-    def finish(self) -> object:
-        self.join(JOIN)
-        assert not self.is_alive(), f"{self.name} did not finish within {JOIN} s (deadlock?)"
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 def assert_free(t: mlkv.Table, keys, reader="probe") -> None:

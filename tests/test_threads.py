@@ -17,33 +17,13 @@ import time
 
 import numpy as np
 import pytest
+from thread_helpers import JOIN, Worker
 
 import mlkv
 from mlkv.optim import SGD, Adagrad, Adam
 
-JOIN = 60.0
 DIM = 4
 ROW = 4 * DIM  # bytes of an SGD row
-
-
-class Worker(threading.Thread):
-    """A thread that records its exception instead of losing it."""
-
-    def __init__(self, fn, *args, name: str | None = None):
-        super().__init__(daemon=True, name=name)
-        self.fn, self.args, self.error = fn, args, None
-
-    def run(self) -> None:
-        try:
-            self.fn(*self.args)
-        except BaseException as e:
-            self.error = e
-
-    def finish(self) -> None:
-        self.join(JOIN)
-        assert not self.is_alive(), f"{self.name} did not finish within {JOIN} s (deadlock?)"
-        if self.error is not None:
-            raise self.error
 
 
 def run_all(fn, n: int) -> None:

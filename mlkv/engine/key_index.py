@@ -148,13 +148,15 @@ class KeyIndex:
         tv = self.vals
         while len(todo):
             p = pos[todo]
-            free = tv[p] < 0
-            cand = todo[free]
-            # several keys may want the same free position: the first of each wins this round
-            first = _first_of_each(pos[cand])
-            win = cand[first]
-            wp = pos[win]
-            self.used += int(np.count_nonzero(tv[wp] == EMPTY))
+            v = tv[p]
+            free = v < 0
+            cand, cp, was_empty = todo[free], p[free], v[free] == EMPTY
+            # several keys may want one free position: each writes a claim (-3 - its index) there, the last
+            # write stands, and the key whose claim stands wins (no sort needed)
+            tv[cp] = -3 - cand
+            won = tv[cp] == -3 - cand
+            win, wp = cand[won], cp[won]
+            self.used += int(np.count_nonzero(was_empty[won]))
             self.keys[wp] = keys[win]
             tv[wp] = vals[win]
             placed = np.zeros(n, dtype=bool)
@@ -221,13 +223,3 @@ def unique_inverse(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     inverse = np.empty(len(keys), dtype=np.intp)
     inverse[order] = np.cumsum(keep) - 1
     return s[keep], inverse, order[keep]
-
-
-def _first_of_each(values: np.ndarray) -> np.ndarray:
-    """Index of the first occurrence of each distinct value."""
-    order = np.argsort(values, kind="stable")
-    s = values[order]
-    keep = np.empty(len(s), dtype=bool)
-    keep[:1] = True
-    np.not_equal(s[1:], s[:-1], out=keep[1:])
-    return order[keep]

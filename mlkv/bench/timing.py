@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from ..durable_files import drop_from_page_cache
+
 COLD_METHOD = "fsync + POSIX_FADV_DONTNEED before every timed batch"
 
 
@@ -99,16 +101,7 @@ def files_under(path: str) -> list[str]:
 
 def evict_files(path: str) -> None:
     """fsync every file under `path` (a file or a directory), then drop it from the page cache."""
-    for f in files_under(path) if os.path.isdir(path) else [path]:
-        try:
-            fd = os.open(f, os.O_RDONLY)
-        except FileNotFoundError:  # RocksDB may delete a file between listing and opening
-            continue
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    drop_from_page_cache(files_under(path) if os.path.isdir(path) else [path])
 
 
 def warm_files(path: str, chunk: int = 8 << 20) -> int:

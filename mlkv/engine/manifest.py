@@ -11,6 +11,7 @@ import json
 import os
 import zlib
 
+from ..durable_files import replace_atomically
 from ..errors import CorruptionError
 from ..faults import crash_point
 
@@ -19,25 +20,14 @@ VERSION = 1
 FILE_NAME = "MANIFEST"
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_manifest(directory: str, body: dict) -> None:
     data = json.dumps(body, sort_keys=True).encode()
     header = f"{MAGIC} {VERSION} {zlib.crc32(data):08x} {len(data)}\n".encode()
-    tmp = os.path.join(directory, FILE_NAME + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header + data)
-        f.flush()
-        os.fsync(f.fileno())
-    crash_point("manifest:before_rename")
-    os.replace(tmp, os.path.join(directory, FILE_NAME))
-    fsync_dir(directory)
+    replace_atomically(
+        os.path.join(directory, FILE_NAME),
+        lambda f: f.write(header + data),
+        before_rename=lambda: crash_point("manifest:before_rename"),
+    )
 
 
 def read_manifest(directory: str) -> dict | None:

@@ -53,6 +53,7 @@ from rocksdict import (
     WriteOptions,
 )
 
+from ..durable_files import drop_from_page_cache
 from ..errors import CorruptionError, ReadOnlyError, SchemaError, StoreClosedError
 from ..faults import crash_point
 from .base import Engine
@@ -567,15 +568,7 @@ class RocksDBEngine(Engine):
         capacity = _BLOCK_CACHE_BYTES
         self._block_cache.set_capacity(0)
         self._block_cache.set_capacity(capacity)
-        for file in self._files():
-            try:
-                fd = os.open(file, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+        drop_from_page_cache(self._files())
 
     def close(self) -> None:
         with self._lock:

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ..durable_files import replace_atomically
 from ..engine import ENGINES, open_engine
 from ..errors import (
     CorruptionError,
@@ -60,11 +61,8 @@ def _check_marker(path: str, engine: str, create: bool) -> None:
         if found.get("engine") != engine:
             raise SchemaError(f"{path} is a {found.get('engine')!r} store, opened with engine={engine!r}")
     elif create:
-        with open(marker + ".tmp", "w") as f:
-            json.dump({"format": FORMAT, "engine": engine}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(marker + ".tmp", marker)
+        body = json.dumps({"format": FORMAT, "engine": engine}).encode()
+        replace_atomically(marker, lambda f: f.write(body))
 
 
 class Store:

@@ -16,6 +16,7 @@ import re
 import torch
 from torch import nn
 
+from ..durable_files import replace_atomically
 from ..errors import MlkvError
 
 _DENSE = re.compile(r"^dense-(\d+)\.pt$")
@@ -23,14 +24,6 @@ _DENSE = re.compile(r"^dense-(\d+)\.pt$")
 
 def dense_file_name(checkpoint_id: int) -> str:
     return f"dense-{checkpoint_id:08d}.pt"
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(
@@ -67,13 +60,7 @@ def save_checkpoint(
         "optimizer": dense_optimizer.state_dict() if dense_optimizer is not None else None,
     }
     final = os.path.join(path, name)
-    tmp = final + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(path)
+    replace_atomically(final, lambda f: torch.save(payload, f))
     got = store.checkpoint({"dense": name, **extra})
     if got != ckpt:
         raise MlkvError(f"store assigned checkpoint id {got}, expected {ckpt}; dense state saved as {final}")

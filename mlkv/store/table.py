@@ -87,18 +87,31 @@ class Table:
         rows = np.ascontiguousarray(raw).view(np.float32).reshape(len(keys), self.width)
         return rows, found, time.perf_counter() - t0
 
+    def _assemble(self, keys, status, queued, disk_rows, found) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of distinct keys from their three sources: the write-back queue (status ROW), the engine
+        (status 0: `disk_rows`, `found`), or init for keys never stored or deleted while queued.
+        Returns (rows, created)."""
+        rows = np.empty((len(keys), self.width), dtype=np.float32)
+        from_queue = status == ROW
+        if from_queue.any():
+            rows[from_queue] = queued[from_queue]
+        created = status > ROW
+        on_disk = status == 0
+        if on_disk.any():
+            rows[on_disk] = disk_rows
+            created[np.flatnonzero(on_disk)[~found]] = True
+        if created.any():
+            rows[created] = self._new_rows(keys[created])
+        return rows, created
+
     def _load(self, keys: np.ndarray, writable: bool) -> tuple[np.ndarray, np.ndarray]:
         """Rows of distinct keys that are neither resident nor in flight: (rows, created).
 
         Marks the keys in flight and releases the store lock for the engine read."""
         st = self._store
         status, queued = st._writeback.lookup(self.name, keys)
-        rows = np.empty((len(keys), self.width), dtype=np.float32)
-        from_queue = status == ROW
-        if from_queue.any():
-            rows[from_queue] = queued[from_queue]
-        created = status > ROW  # deleted while queued: a later read starts afresh from init
         on_disk = status == 0
+        disk_rows, found = None, np.empty(0, dtype=bool)
         if on_disk.any():
             self._inflight.insert_new(keys, np.zeros(len(keys), dtype=np.int64))
             st._lock.release()
@@ -111,10 +124,7 @@ class Table:
                 st._cond.notify_all()
             st._stats["stall_seconds"] += secs
             st._stats["bytes_read"] += int(found.sum()) * self.tier.row_bytes
-            rows[on_disk] = disk_rows
-            created[np.flatnonzero(on_disk)[~found]] = True
-        if created.any():
-            rows[created] = self._new_rows(keys[created])
+        rows, created = self._assemble(keys, status, queued, disk_rows, found)
         st._stats["misses"] += len(keys)
         if writable and created.any():
             self._count += int(created.sum())
@@ -371,14 +381,7 @@ class Table:
             st._cond.notify_all()
             if not st._open or st._tables.get(self.name) is not self:
                 return
-            rows = np.empty((len(keys), self.width), dtype=np.float32)
-            if (status == ROW).any():
-                rows[status == ROW] = queued[status == ROW]
-            rows[on_disk] = disk_rows
-            created = status > ROW
-            created[np.flatnonzero(on_disk)[~found]] = True
-            if created.any():
-                rows[created] = self._new_rows(keys[created])
+            rows, created = self._assemble(keys, status, queued, disk_rows, found)
             # a key may have been loaded by a reader meanwhile: only the still-absent ones are admitted
             absent = self.tier.lookup(keys) < 0
             keys, rows, created, more = keys[absent], rows[absent], created[absent], more[absent]

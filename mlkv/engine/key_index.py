@@ -1,24 +1,27 @@
-"""KeyIndex: a vectorised open-addressing hash map from 64-bit keys to int64 values (slots).
+"""KeyIndex: an open-addressing hash map from 64-bit keys to int64 values (slots), for whole batches.
 
 Why not a dict: a Python dict lookup of 50 K keys costs ~16 ms, more than gathering the rows. Here every
-operation works on a whole batch of keys with numpy: each probe round is a handful of array operations over
-the keys still unresolved, so a batch costs O(rounds) numpy calls, not O(keys) Python steps.
+operation takes a whole batch of keys into one compiled loop (numba, `nogil`: the GIL is released, so
+look-ahead threads and the trainer's own compute run meanwhile), ~20-50 ns per key, mostly its cache miss.
 
-Layout: linear probing, Fibonacci-hashed, over two arrays, `keys` (uint64) and `vals` (int64). The full
-64-bit key range is valid, so emptiness lives in `vals`: EMPTY (-1) ends a probe chain, TOMBSTONE (-2)
-marks a deleted entry that chains continue through. Load (live + tombstones) stays <= 1/2 (grow or rebuild).
+Layout: linear probing, Fibonacci-hashed, key and value side by side in one (capacity, 2) int64 `table`
+(`keys` and `vals` are views of its columns), so a probe costs one cache miss, not two. The full 64-bit key
+range is valid, so emptiness lives in `vals` (EMPTY = -1). Deletion shifts the rest of the chain back
+(Knuth's algorithm R) instead of leaving tombstones, so a tier that evicts and admits every batch never
+fills up with dead entries or needs a rebuild. Load stays <= 1/2 (the table doubles).
 Memory: 16 bytes per table position, 32-64 bytes per live key.
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 EMPTY = -1
-TOMBSTONE = -2
 _MIN_CAPACITY = 1024
 _FIB = np.uint64(0x9E3779B97F4A7C15)
 _HALF = np.uint64(32)
+_kernel = numba.njit(nogil=True, cache=True)
 
 
 def hash64(keys: np.ndarray) -> np.ndarray:
@@ -33,6 +36,96 @@ def hash64(keys: np.ndarray) -> np.ndarray:
     return z
 
 
+@_kernel
+def _home(key, shift):
+    """Fibonacci hashing (top bits of key * 2^64/phi) of the key with its high half folded in: spreads
+    sequential, strided and high-bit-only keys evenly."""
+    return np.int64(((key ^ (key >> _HALF)) * _FIB) >> shift)
+
+
+@_kernel
+def _find(tkeys, tvals, shift, keys, pos):
+    """pos[i] = table position of keys[i], or -1 when absent."""
+    mask = tvals.shape[0] - 1
+    for i in range(keys.shape[0]):
+        k = keys[i]
+        p = _home(k, shift)
+        pos[i] = -1
+        while True:
+            v = tvals[p]
+            if v == EMPTY:
+                break
+            if tkeys[p] == k:
+                pos[i] = p
+                break
+            p = (p + 1) & mask
+
+
+@_kernel
+def _lookup(tkeys, tvals, shift, keys, out):
+    """out[i] = value of keys[i], or -1 when absent."""
+    mask = tvals.shape[0] - 1
+    for i in range(keys.shape[0]):
+        k = keys[i]
+        p = _home(k, shift)
+        out[i] = EMPTY
+        while True:
+            v = tvals[p]
+            if v == EMPTY:
+                break
+            if tkeys[p] == k:
+                out[i] = v
+                break
+            p = (p + 1) & mask
+
+
+@_kernel
+def _insert(tkeys, tvals, shift, keys, vals):
+    """Insert keys known to be absent at the end of each one's chain."""
+    mask = tvals.shape[0] - 1
+    for i in range(keys.shape[0]):
+        p = _home(keys[i], shift)
+        while tvals[p] != EMPTY:
+            p = (p + 1) & mask
+        tkeys[p] = keys[i]
+        tvals[p] = vals[i]
+
+
+@_kernel
+def _remove(tkeys, tvals, shift, keys, old):
+    """Delete keys; old[i] = the value keys[i] had, -1 when absent. Returns how many were present.
+
+    Backward shift: after emptying position i, each later entry j of the run whose home is not
+    cyclically in (i, j] moves back into i, so every chain stays unbroken without tombstones."""
+    mask = tvals.shape[0] - 1
+    removed = 0
+    for n in range(keys.shape[0]):
+        k = keys[n]
+        i = _home(k, shift)
+        old[n] = EMPTY
+        while tvals[i] != EMPTY:
+            if tkeys[i] == k:
+                break
+            i = (i + 1) & mask
+        if tvals[i] == EMPTY:
+            continue
+        old[n] = tvals[i]
+        removed += 1
+        j = i
+        while True:
+            j = (j + 1) & mask
+            if tvals[j] == EMPTY:
+                break
+            h = _home(tkeys[j], shift)
+            if (i < h <= j) if i < j else (h > i or h <= j):
+                continue  # j's home is in (i, j]: it cannot move before its home
+            tkeys[i] = tkeys[j]
+            tvals[i] = tvals[j]
+            i = j
+        tvals[i] = EMPTY
+    return removed
+
+
 class KeyIndex:
     """Batched key -> value map. Keys are uint64 arrays; values are non-negative int64."""
 
@@ -43,15 +136,12 @@ class KeyIndex:
         self._alloc(cap)
 
     def _alloc(self, cap: int) -> None:
-        # key and value side by side: a probe costs one cache miss, not two
         self.table = np.zeros((cap, 2), dtype=np.int64)
         self.table[:, 1] = EMPTY
         self.keys = self.table[:, 0].view(np.uint64)
         self.vals = self.table[:, 1]
-        self._mask = cap - 1
         self._shift = np.uint64(65 - cap.bit_length())
         self.live = 0
-        self.used = 0  # live + tombstones
 
     def __len__(self) -> int:
         return self.live
@@ -68,140 +158,70 @@ class KeyIndex:
     def nbytes(self) -> int:
         return self.table.nbytes
 
-    def _home(self, keys: np.ndarray) -> np.ndarray:
-        """Fibonacci hashing (top bits of key * 2^64/phi) of the key with its high half folded in: spreads
-        sequential, strided and high-bit-only keys evenly, at two numpy operations fewer than splitmix."""
-        with np.errstate(over="ignore"):
-            return (((keys ^ (keys >> _HALF)) * _FIB) >> self._shift).astype(np.int64)
-
-    def _probe(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Position of each key's entry (or of the EMPTY that ends its chain), whether it was found, and
-        the value there."""
-        pos = self._home(keys)
-        mask = self._mask
-        entries = self.table.take(pos, axis=0)
-        v = entries[:, 1]
-        found = (entries[:, 0].view(np.uint64) == keys) & (v >= 0)
-        more = np.flatnonzero(~found & (v != EMPTY))
-        if len(more) == 0:
-            return pos, found, v
-        window = 4
-        while len(more):  # keys whose home was taken: scan the next positions of each at once
-            step = np.arange(1, window + 1)
-            p = (pos[more, None] + step) & mask
-            entries = self.table.take(p.ravel(), axis=0).reshape(len(more), window, 2)
-            v = entries[:, :, 1]
-            hit = (entries[:, :, 0].view(np.uint64) == keys[more, None]) & (v >= 0)
-            stop = hit | (v == EMPTY)
-            ends = stop.any(axis=1)
-            first = stop.argmax(axis=1)
-            rows = np.arange(len(more))
-            pos[more] = np.where(ends, p[rows, first], p[:, -1])
-            found[more] = hit[rows, first] & ends
-            more = more[~ends]
-            window = 32  # the rare long chains
-        return pos, found, self.table.take(pos, axis=0)[:, 1]
+    def _positions(self, keys: np.ndarray) -> np.ndarray:
+        pos = np.empty(len(keys), dtype=np.int64)
+        _find(self.keys, self.vals, self._shift, _as_u64(keys), pos)
+        return pos
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Values of `keys` (uint64 array), -1 where absent."""
-        if len(keys) == 0:
-            return np.empty(0, dtype=np.int64)
-        _, found, v = self._probe(keys)
-        return np.where(found, v, EMPTY)
+        out = np.empty(len(keys), dtype=np.int64)
+        if len(keys) and self.live:
+            _lookup(self.keys, self.vals, self._shift, _as_u64(keys), out)
+        else:
+            out.fill(EMPTY)
+        return out
 
     def insert_new(self, keys: np.ndarray, vals: np.ndarray) -> None:
         """Insert distinct keys that are known to be absent."""
         n = len(keys)
         if n == 0:
             return
-        if (self.used + n) * 2 > len(self.keys):
-            self._rebuild(self.live + n)
-            if self.used == 0:
-                return self._fill_empty(keys, vals)
-        if self.used == 0:
-            return self._fill_empty(keys, vals)
-        self._insert_rounds(keys, vals)
-
-    def _fill_empty(self, keys: np.ndarray, vals: np.ndarray) -> None:
-        """Bulk insert into an empty table (open, rebuild) in one pass, no probe rounds: in home order, key i
-        lands at max(home_i, position of key i-1 + 1), a running maximum. The few that run past the end of
-        the table wrap around through the general path."""
-        n = len(keys)
-        home = self._home(keys)
-        order = np.argsort(home, kind="stable")
-        steps = np.arange(n)
-        pos = np.maximum.accumulate(home[order] - steps) + steps
-        fits = pos <= self._mask
-        at = order[fits]
-        self.keys[pos[fits]] = keys[at]
-        self.vals[pos[fits]] = vals[at]
-        self.used = self.live = int(fits.sum())
-        if not fits.all():
-            rest = order[~fits]
-            self._insert_rounds(keys[rest], vals[rest])
-
-    def _insert_rounds(self, keys: np.ndarray, vals: np.ndarray) -> None:
-        n = len(keys)
-        pos = self._home(keys)
-        todo = np.arange(n)
-        mask = self._mask
-        tv = self.vals
-        while len(todo):
-            p = pos[todo]
-            v = tv[p]
-            free = v < 0
-            cand, cp, was_empty = todo[free], p[free], v[free] == EMPTY
-            # several keys may want one free position: each writes a claim (-3 - its index) there, the last
-            # write stands, and the key whose claim stands wins (no sort needed)
-            tv[cp] = -3 - cand
-            won = tv[cp] == -3 - cand
-            win, wp = cand[won], cp[won]
-            self.used += int(np.count_nonzero(was_empty[won]))
-            self.keys[wp] = keys[win]
-            tv[wp] = vals[win]
-            placed = np.zeros(n, dtype=bool)
-            placed[win] = True
-            todo = todo[~placed[todo]]
-            pos[todo] = (pos[todo] + 1) & mask
+        if (self.live + n) * 2 > len(self.vals):
+            self._grow(self.live + n)
+        _insert(self.keys, self.vals, self._shift, _as_u64(keys), np.ascontiguousarray(vals, dtype=np.int64))
         self.live += n
 
     def assign(self, keys: np.ndarray, vals: np.ndarray) -> None:
         """Set key -> val for distinct keys, inserting the absent ones."""
         if len(keys) == 0:
             return
-        pos, found, _ = self._probe(keys)
+        pos = self._positions(keys)
+        found = pos >= 0
         self.vals[pos[found]] = vals[found]
         if not found.all():
             self.insert_new(keys[~found], vals[~found])
 
     def remove(self, keys: np.ndarray) -> np.ndarray:
         """Delete distinct keys; return their old values (-1 where absent)."""
-        if len(keys) == 0:
-            return np.empty(0, dtype=np.int64)
-        pos, found, _ = self._probe(keys)
-        old = np.where(found, self.vals[pos], EMPTY)
-        self.vals[pos[found]] = TOMBSTONE
-        self.live -= int(np.count_nonzero(found))
-        if self.live == 0 and self.used:  # emptied (an in-flight set, a reader's holds): drop the tombstones
-            self.vals.fill(EMPTY)
-            self.used = 0
+        old = np.full(len(keys), EMPTY, dtype=np.int64)
+        if len(keys) and self.live:
+            self.live -= int(_remove(self.keys, self.vals, self._shift, _as_u64(keys), old))
         return old
 
     def items(self) -> tuple[np.ndarray, np.ndarray]:
         """All live (keys, values), in table order."""
-        live = self.vals >= 0
+        live = self.vals != EMPTY
         return self.keys[live], self.vals[live]
 
     def clear(self) -> None:
         self._alloc(_MIN_CAPACITY)
 
-    def _rebuild(self, need: int) -> None:
+    def _grow(self, need: int) -> None:
         keys, vals = self.items()
-        cap = _MIN_CAPACITY
-        while cap < 2 * max(need, 1) + 1:
+        cap = len(self.vals)
+        while cap < 2 * need:
             cap *= 2
         self._alloc(cap)
-        self.insert_new(keys, vals)
+        _insert(self.keys, self.vals, self._shift, keys, vals)
+        self.live = len(keys)
+
+
+def _as_u64(keys: np.ndarray) -> np.ndarray:
+    """The kernels take one contiguous uint64 type (int64 keys are the same bits)."""
+    if keys.dtype != np.uint64:
+        keys = keys.view(np.uint64) if keys.dtype == np.int64 else keys.astype(np.uint64)
+    return np.ascontiguousarray(keys)
 
 
 def unique_keys(keys: np.ndarray) -> np.ndarray:

@@ -112,11 +112,7 @@ class _SlabTable:
 
     def read(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         slots = self.index.lookup(keys)
-        found = slots >= 0
-        rows = np.zeros((len(keys), self.row_bytes), dtype=np.uint8)
-        if found.any():
-            rows[found] = self.file.read(keys[found], slots[found])
-        return rows, found
+        return self.file.read(keys, slots), slots >= 0
 
     def checkpoint(self, ckpt: int) -> None:
         """Make this table's epoch durable up to (not including) the manifest commit."""

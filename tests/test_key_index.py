@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlkv.engine.key_index import KeyIndex, unique_inverse, unique_keys
+from mlkv.engine.key_index import KeyIndex, dedup, unique_inverse, unique_keys
 
 
 def _check_against(index: KeyIndex, model: dict[int, int], probe: np.ndarray) -> None:
@@ -97,3 +97,6 @@ def test_unique_helpers_match_numpy(n):
     np.testing.assert_array_equal(inv, ref_inv)
     np.testing.assert_array_equal(first, ref_first)
     np.testing.assert_array_equal(unique_keys(keys), ref)
+    uk, inv = dedup(keys)  # first-appearance order
+    np.testing.assert_array_equal(uk, keys[np.sort(ref_first)])
+    np.testing.assert_array_equal(uk[inv], keys)

@@ -36,7 +36,8 @@ class Engine(ABC):
 
     @abstractmethod
     def read(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Rows of `keys` (zeros where absent) and a bool mask of which keys were found."""
+        """Rows of `keys` (zeros where absent) and a bool mask of which keys were found. The rows are a new
+        array that the caller owns (the store keeps and modifies it without copying)."""
 
     @abstractmethod
     def write(self, table: str, keys: np.ndarray, rows: np.ndarray) -> None: ...

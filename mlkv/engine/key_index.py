@@ -44,39 +44,30 @@ def _home(key, shift):
 
 
 @_kernel
+def probe(tkeys, tvals, shift, key):
+    """Table position of `key`, -1 when absent (callable from other kernels)."""
+    mask = tvals.shape[0] - 1
+    p = _home(key, shift)
+    while tvals[p] != EMPTY:
+        if tkeys[p] == key:
+            return p
+        p = (p + 1) & mask
+    return -1
+
+
+@_kernel
 def _find(tkeys, tvals, shift, keys, pos):
     """pos[i] = table position of keys[i], or -1 when absent."""
-    mask = tvals.shape[0] - 1
     for i in range(keys.shape[0]):
-        k = keys[i]
-        p = _home(k, shift)
-        pos[i] = -1
-        while True:
-            v = tvals[p]
-            if v == EMPTY:
-                break
-            if tkeys[p] == k:
-                pos[i] = p
-                break
-            p = (p + 1) & mask
+        pos[i] = probe(tkeys, tvals, shift, keys[i])
 
 
 @_kernel
 def _lookup(tkeys, tvals, shift, keys, out):
     """out[i] = value of keys[i], or -1 when absent."""
-    mask = tvals.shape[0] - 1
     for i in range(keys.shape[0]):
-        k = keys[i]
-        p = _home(k, shift)
-        out[i] = EMPTY
-        while True:
-            v = tvals[p]
-            if v == EMPTY:
-                break
-            if tkeys[p] == k:
-                out[i] = v
-                break
-            p = (p + 1) & mask
+        p = probe(tkeys, tvals, shift, keys[i])
+        out[i] = tvals[p] if p >= 0 else EMPTY
 
 
 @_kernel
@@ -160,14 +151,18 @@ class KeyIndex:
 
     def _positions(self, keys: np.ndarray) -> np.ndarray:
         pos = np.empty(len(keys), dtype=np.int64)
-        _find(self.keys, self.vals, self._shift, _as_u64(keys), pos)
+        _find(self.keys, self.vals, self._shift, as_u64(keys), pos)
         return pos
+
+    def kernel_args(self) -> tuple:
+        """(keys, vals, shift): what a kernel elsewhere passes to `probe`."""
+        return self.keys, self.vals, self._shift
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Values of `keys` (uint64 array), -1 where absent."""
         out = np.empty(len(keys), dtype=np.int64)
         if len(keys) and self.live:
-            _lookup(self.keys, self.vals, self._shift, _as_u64(keys), out)
+            _lookup(self.keys, self.vals, self._shift, as_u64(keys), out)
         else:
             out.fill(EMPTY)
         return out
@@ -179,7 +174,7 @@ class KeyIndex:
             return
         if (self.live + n) * 2 > len(self.vals):
             self._grow(self.live + n)
-        _insert(self.keys, self.vals, self._shift, _as_u64(keys), np.ascontiguousarray(vals, dtype=np.int64))
+        _insert(self.keys, self.vals, self._shift, as_u64(keys), np.ascontiguousarray(vals, dtype=np.int64))
         self.live += n
 
     def assign(self, keys: np.ndarray, vals: np.ndarray) -> None:
@@ -196,7 +191,7 @@ class KeyIndex:
         """Delete distinct keys; return their old values (-1 where absent)."""
         old = np.full(len(keys), EMPTY, dtype=np.int64)
         if len(keys) and self.live:
-            self.live -= int(_remove(self.keys, self.vals, self._shift, _as_u64(keys), old))
+            self.live -= int(_remove(self.keys, self.vals, self._shift, as_u64(keys), old))
         return old
 
     def items(self) -> tuple[np.ndarray, np.ndarray]:
@@ -217,11 +212,45 @@ class KeyIndex:
         self.live = len(keys)
 
 
-def _as_u64(keys: np.ndarray) -> np.ndarray:
+def as_u64(keys: np.ndarray) -> np.ndarray:
     """The kernels take one contiguous uint64 type (int64 keys are the same bits)."""
     if keys.dtype != np.uint64:
         keys = keys.view(np.uint64) if keys.dtype == np.int64 else keys.astype(np.uint64)
     return np.ascontiguousarray(keys)
+
+
+@_kernel
+def _dedup(tkeys, tvals, shift, keys, uniq, inverse):
+    mask = tvals.shape[0] - 1
+    m = 0
+    for i in range(keys.shape[0]):
+        k = keys[i]
+        p = _home(k, shift)
+        while True:
+            if tvals[p] == EMPTY:
+                tkeys[p], tvals[p] = k, m
+                uniq[m] = k
+                inverse[i] = m
+                m += 1
+                break
+            if tkeys[p] == k:
+                inverse[i] = tvals[p]
+                break
+            p = (p + 1) & mask
+    return m
+
+
+def dedup(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct keys in order of first appearance, inverse such that uk[inverse] == keys): one hashed pass,
+    for callers that need the distinct keys but not sorted (unique_inverse sorts)."""
+    keys = as_u64(keys)
+    cap = _MIN_CAPACITY
+    while cap < 2 * len(keys):
+        cap *= 2
+    tkeys, tvals = np.empty(cap, dtype=np.uint64), np.full(cap, EMPTY, dtype=np.int64)
+    uniq, inverse = np.empty(len(keys), dtype=np.uint64), np.empty(len(keys), dtype=np.intp)
+    m = _dedup(tkeys, tvals, np.uint64(65 - cap.bit_length()), keys, uniq, inverse)
+    return uniq[:m], inverse
 
 
 def unique_keys(keys: np.ndarray) -> np.ndarray:

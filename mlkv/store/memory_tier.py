@@ -15,11 +15,72 @@ Memory per slot: row bytes + 8 (key) + 8 (pins, announced) + 3 flags + 32 (index
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
-from ..engine.key_index import KeyIndex
+from ..engine.key_index import KeyIndex, as_u64, probe
 
 SLOT_OVERHEAD_BYTES = 8 + 8 + 3 + 32
+_kernel = numba.njit(nogil=True, cache=True)
+
+
+@_kernel
+def _read_embeddings(tkeys, tvals, shift, keys, emb, ref, out, slots):
+    """For each key: slots[i] = its slot (-1: not resident); a resident row's embedding is copied to out[i]
+    and its CLOCK bit set. One pass: probe and copy while the entry is in cache."""
+    d = emb.shape[1]
+    for i in range(keys.shape[0]):
+        p = probe(tkeys, tvals, shift, keys[i])
+        s = tvals[p] if p >= 0 else -1
+        slots[i] = s
+        if s >= 0:
+            ref[s] = True
+            for j in range(d):
+                out[i, j] = emb[s, j]
+
+
+@_kernel
+def _gather_rows(emb, state, slots, out):
+    """out[i] = [emb | state] of slots[i] (explicit loops: one pass, no temporaries)."""
+    d, w = emb.shape[1], state.shape[1]
+    for i in range(slots.shape[0]):
+        s = slots[i]
+        for j in range(d):
+            out[i, j] = emb[s, j]
+        for j in range(w):
+            out[i, d + j] = state[s, j]
+
+
+@_kernel
+def _scatter_rows(emb, state, slots, rows):
+    d, w = emb.shape[1], state.shape[1]
+    for i in range(slots.shape[0]):
+        s = slots[i]
+        for j in range(d):
+            emb[s, j] = rows[i, j]
+        for j in range(w):
+            state[s, j] = rows[i, d + j]
+
+
+@_kernel
+def _clock(used, pins, announced, ref, hand, n, announced_too, out):
+    """CLOCK: from `hand`, take up to n resident, unpinned (and unannounced, unless announced_too) slots
+    whose ref bit is clear, clearing the ref bits passed over; at most two sweeps (the first may clear
+    every bit). Taken slots are marked unused. Returns (how many were taken into out, the new hand)."""
+    cap = used.shape[0]
+    got, swept = 0, 0
+    while got < n and swept < 2 * cap + 1:
+        s = hand
+        if used[s] and pins[s] == 0 and (announced_too or announced[s] == 0):
+            if ref[s]:
+                ref[s] = False
+            else:
+                out[got] = s
+                got += 1
+                used[s] = False
+        hand = hand + 1 if hand + 1 < cap else 0
+        swept += 1
+    return got, hand
 
 
 class MemoryTier:
@@ -48,15 +109,11 @@ class MemoryTier:
     def rows(self, slots: np.ndarray) -> np.ndarray:
         """Whole rows [embedding | state] of `slots`, a new (n, width) array."""
         out = np.empty((len(slots), self.width), dtype=np.float32)
-        out[:, : self.dim] = self.emb.take(slots, axis=0)
-        if self.width > self.dim:
-            out[:, self.dim :] = self.state.take(slots, axis=0)
+        _gather_rows(self.emb, self.state, np.ascontiguousarray(slots, dtype=np.int64), out)
         return out
 
     def set_rows(self, slots: np.ndarray, rows: np.ndarray) -> None:
-        self.emb[slots] = rows[:, : self.dim]
-        if self.width > self.dim:
-            self.state[slots] = rows[:, self.dim :]
+        _scatter_rows(self.emb, self.state, np.ascontiguousarray(slots, dtype=np.int64), rows)
 
     @property
     def nbytes(self) -> int:
@@ -68,6 +125,13 @@ class MemoryTier:
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         return self.index.lookup(keys)
+
+    def read(self, keys: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Copy the embeddings of resident keys (duplicates allowed) into rows of out (len(keys), dim), mark
+        them used for CLOCK; return their slots, -1 for keys not resident (their rows of out untouched)."""
+        slots = np.empty(len(keys), dtype=np.int64)
+        _read_embeddings(*self.index.kernel_args(), as_u64(keys), self.emb, self.ref, out, slots)
+        return slots
 
     def resize(self, cap: int) -> tuple[np.ndarray, np.ndarray]:
         """Change capacity, compacting resident rows; shrinking drops the coldest evictable rows first.
@@ -100,24 +164,13 @@ class MemoryTier:
         """Free up to n slots by CLOCK over rows not pinned (and not announced, unless `announced_too`);
         return the dirty victims (keys, rows)."""
         n = min(n, self.resident)
-        chosen: list[np.ndarray] = []
-        got, swept, cap = 0, 0, self.capacity
-        while got < n and swept < 2 * cap + 1:  # two sweeps: the first clears every ref bit it passes
-            window = (self.hand + np.arange(min(4096, cap))) % cap
-            live = self.used[window] & (self.pins[window] == 0)
-            if not announced_too:
-                live &= self.announced[window] == 0
-            cand = np.flatnonzero(live & ~self.ref[window])
-            cut = int(cand[n - got - 1]) + 1 if len(cand) >= n - got else len(window)
-            cand = cand[cand < cut]
-            self.ref[window[:cut][live[:cut]]] = False
-            chosen.append(window[cand])
-            self.used[window[cand]] = False  # taken: a later window of this sweep must not pick it again
-            got += len(cand)
-            self.hand = (self.hand + cut) % cap
-            swept += cut
-        slots = np.concatenate(chosen) if chosen else np.empty(0, np.int64)
-        return self._drop(slots)
+        if n <= 0:
+            return self._no_victims()
+        slots = np.empty(n, dtype=np.int64)
+        got, self.hand = _clock(
+            self.used, self.pins, self.announced, self.ref, self.hand, n, announced_too, slots
+        )
+        return self._drop(slots[:got])
 
     def _no_victims(self) -> tuple[np.ndarray, np.ndarray]:
         return np.empty(0, np.uint64), np.empty((0, self.width), np.float32)

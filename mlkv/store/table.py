@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..engine.key_index import KeyIndex, unique_inverse, unique_keys
+from ..engine.key_index import KeyIndex, dedup, unique_inverse, unique_keys
 from ..errors import InvalidArgumentError, MlkvError
 from .memory_tier import MemoryTier
 from .staleness import StalenessGate
@@ -91,6 +91,8 @@ class Table:
         """Rows of distinct keys from their three sources: the write-back queue (status ROW), the engine
         (status 0: `disk_rows`, `found`), or init for keys never stored or deleted while queued.
         Returns (rows, created)."""
+        if disk_rows is not None and len(disk_rows) == len(keys) and found.all():  # all from the engine
+            return disk_rows, np.zeros(len(keys), dtype=bool)
         rows = np.empty((len(keys), self.width), dtype=np.float32)
         from_queue = status == ROW
         if from_queue.any():
@@ -137,7 +139,7 @@ class Table:
         (a batch announced and then never read must not pin the tier forever)."""
         tier, st = self.tier, self._store
         short = n - len(tier.free)
-        if short > 0:
+        if short > 0 and not st._budget.settled(self):
             st._budget.grow(self, short)
             short = n - len(tier.free)
         for announced_too in (False, True) if demand else (False,):
@@ -165,8 +167,17 @@ class Table:
         while self._store._checkpointing:
             self._store._cond.wait()
 
-    def _wait_inflight(self, keys: np.ndarray) -> None:
-        while len(self._inflight) and (self._inflight.lookup(keys) >= 0).any():
+    def _wait_busy(self, keys: np.ndarray) -> None:
+        """Wait until no key is in flight or pinned by a read in progress (a delete must not pull a row
+        out from under a read that has released the lock for its engine read)."""
+        tier = self.tier
+        while True:
+            busy = len(self._inflight) and (self._inflight.lookup(keys) >= 0).any()
+            if not busy:
+                slots = tier.lookup(keys)
+                busy = (tier.pins[slots[slots >= 0]] > 0).any()
+            if not busy:
+                return
             self._store._cond.wait()
             self._wait_checkpoint()
 
@@ -191,8 +202,9 @@ class Table:
             st._stats["stall_seconds"] += time.perf_counter() - t0  # waiting for that read is a disk stall
             self._wait_checkpoint()
             slots = None
-        hit_keys = keys[~miss]
-        tier.pins[slots[~miss]] += 1  # keep the batch's resident rows while the lock is released
+        hit_at = np.flatnonzero(~miss)
+        hit_keys = keys[hit_at]
+        tier.pins[slots[hit_at]] += 1  # keep the batch's resident rows while the lock is released
         st._stats["hits"] += len(hit_keys)
         miss_at = np.flatnonzero(miss)
         moves = tier.moves  # unchanged: every slot found so far still holds its key (pinned rows stay)
@@ -201,23 +213,21 @@ class Table:
             self._make_room(len(miss_at), demand=True)
             placed = tier.admit(keys[miss_at], loaded, created)
         finally:
-            if tier.moves == moves:
-                s = slots[~miss]
-            else:
-                s = tier.lookup(hit_keys)
-                s = s[s >= 0]
-            tier.pins[s] = np.maximum(tier.pins[s] - 1, 0)
-        if tier.moves == moves:
-            slots = slots.copy()
-            slots[miss_at] = placed
+            hit_slots = slots[hit_at] if tier.moves == moves else tier.lookup(hit_keys)
+            held = hit_slots[hit_slots >= 0]  # all of them: a delete waits for pins, eviction skips them
+            tier.pins[held] = np.maximum(tier.pins[held] - 1, 0)
+            st._cond.notify_all()  # a delete may be waiting for these pins
+        slots = slots.copy()
+        slots[miss_at] = placed
+        slots[hit_at] = hit_slots
+        if len(hit_at):
+            rows = np.empty((len(keys), self.width), dtype=np.float32)
+            rows[miss_at] = loaded  # an admitted row is still what was loaded: the lock was held since
+            rows[hit_at] = tier.rows(hit_slots)  # after the engine read: updates made meanwhile are in
         else:
-            slots = tier.lookup(keys)
-        inside = slots >= 0
-        rows = np.empty((len(keys), self.width), dtype=np.float32)
-        rows[inside] = tier.rows(slots[inside])
-        spilled = ~inside[miss_at]
+            rows = loaded
+        spilled = placed < 0
         if spilled.any():
-            rows[miss_at[spilled]] = loaded[spilled]
             new = spilled & created
             self._queue_write(keys[miss_at[new]], loaded[new])
         return slots, rows
@@ -242,6 +252,24 @@ class Table:
             a = self.tier.announced[s]
             self.tier.announced[s] = np.maximum(a - 1, 0)
 
+    def _get_untracked(self, keys: np.ndarray) -> np.ndarray:
+        """get(track=False), store lock held. Resident rows are copied out in the same pass that finds them,
+        so only the distinct missing keys go through the miss path (no dedup of the whole batch, no pins)."""
+        st = self._store
+        out = np.empty((len(keys), self.dim), dtype=np.float32)
+        slots = self.tier.read(keys, out)
+        miss = slots < 0
+        n_miss = int(np.count_nonzero(miss))
+        st._stats["hits"] += len(keys) - n_miss
+        if self._announced:
+            self._consume(slots)
+        if n_miss:
+            uk, inv = dedup(keys[miss])
+            slots, rows = self._gather(uk, not st.readonly, np.full(len(uk), -1, dtype=np.int64))
+            self._consume(slots)
+            out[miss] = rows[inv, : self.dim]
+        return out
+
     def _embeddings(self, slots: np.ndarray) -> np.ndarray:
         """Embedding columns of resident rows (`take` is ~2x faster than fancy indexing here)."""
         return self.tier.emb.take(slots, axis=0)
@@ -264,17 +292,9 @@ class Table:
         with st._lock:
             st._enter(self)
             if not track:
-                slots = self.tier.lookup(k)
-                if len(k) and slots.min() >= 0:
-                    st._stats["hits"] += len(k)
-                    self._consume(slots)
-                    return self._embeddings(slots)
+                return self._get_untracked(k)
             uk, inv, _ = unique_inverse(k)
-            new = None
-            if track:
-                new = self._gate.acquire(
-                    uk, self._reader(reader), self._bound, st.staleness_timeout, st._stats
-                )
+            new = self._gate.acquire(uk, self._reader(reader), self._bound, st.staleness_timeout, st._stats)
             try:
                 self._wait_checkpoint()  # the gate may have waited with the lock released
                 slots = self.tier.lookup(uk)
@@ -284,8 +304,7 @@ class Table:
                     return self._embeddings(slots[inv])
                 slots, rows = self._gather(uk, not st.readonly, slots)
             except BaseException:
-                if new is not None:
-                    self._gate.resolve(new, self._reader(reader))
+                self._gate.resolve(new, self._reader(reader))
                 raise
             self._consume(slots)
             return rows[inv, : self.dim]
@@ -405,7 +424,7 @@ class Table:
         with st._lock:
             st._enter(self)
             uk = unique_keys(k)
-            self._wait_inflight(uk)
+            self._wait_busy(uk)
             self._count -= int(self._exists(uk).sum())
             self.tier.remove(uk)
             st._writeback.submit(self.name, uk, None, st._stats)

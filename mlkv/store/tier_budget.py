@@ -34,6 +34,13 @@ class TierBudget:
     def unregister(self, owner: TierOwner) -> None:
         self.owners = [o for o in self.owners if o is not owner]
 
+    def settled(self, owner: TierOwner) -> bool:
+        """True when `grow` could not give `owner` a row: the budget is full and the tier holds at least its
+        fair share. The common case of a busy tier, checked first because grow is not cheap."""
+        tier = owner.tier
+        full = self.cache_bytes - self.used_bytes < tier.row_bytes
+        return full and tier.nbytes >= self.cache_bytes // max(len(self.owners), 1)
+
     def grow(self, owner: TierOwner, rows: int) -> None:
         """Give `owner`'s tier room for `rows` more rows, as far as the budget allows."""
         tier = owner.tier

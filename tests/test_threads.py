@@ -354,3 +354,42 @@ def test_checkpoint_never_holds_half_an_update(final, tmp_path, store_factory):
         before = step == 0 and np.array_equal(row, np.ones((1, 2), np.float32))
         after = step == 1 and np.array_equal(row, live_row)
         assert before or after, f"checkpoint holds step {step} with row {row}"
+
+
+# ---- a delete never pulls a row out from under a read in progress -------------------------------------------
+@pytest.mark.parametrize("engine", ["slab", "rocksdb"])
+def test_delete_waits_for_a_read_holding_the_row(engine, tmp_path, store_factory):
+    """update([resident, on disk]) pins the resident row while it reads the other one from the engine with
+    the lock released. A delete of the resident key meanwhile must wait for it: afterwards the key is gone
+    (the delete came last), not resurrected with a row the update never filled."""
+    path = tmp_path / "s"
+    s = store_factory(engine, path)
+    t = counter_table(s)
+    t.update(np.array([1, 2]), plus_one(2))
+    s.close()
+    s = store_factory(engine, path)
+    t = counter_table(s)
+    t.get(np.array([1]), track=False)  # key 1 resident, key 2 on disk only
+    entered, go = threading.Event(), threading.Event()
+    real_read = s._engine.read
+
+    def slow_read(table, keys):
+        entered.set()
+        assert go.wait(JOIN)
+        return real_read(table, keys)
+
+    s._engine.read = slow_read
+    updater = Worker(t.update, np.array([1, 2]), plus_one(2), name="updater")
+    updater.start()
+    assert entered.wait(JOIN)
+    deleter = Worker(t.delete, np.array([1]), name="deleter")
+    deleter.start()
+    deleter.join(0.3)
+    assert deleter.is_alive(), "the delete did not wait for the read holding key 1"
+    go.set()
+    updater.finish()
+    deleter.finish()
+    s._engine.read = real_read
+    assert not t.contains(np.array([1]))[0]
+    np.testing.assert_array_equal(t.get(np.array([2]), track=False), np.full((1, DIM), 2.0, np.float32))
+    assert len(t) == 1

@@ -356,7 +356,7 @@ def test_checkpoint_never_holds_half_an_update(final, tmp_path, store_factory):
         assert before or after, f"checkpoint holds step {step} with row {row}"
 
 
-# ---- a delete never pulls a row out from under a read in progress -------------------------------------------
+# ---- a delete never pulls a row out from under a read in progress ------------------------------------
 @pytest.mark.parametrize("engine", ["slab", "rocksdb"])
 def test_delete_waits_for_a_read_holding_the_row(engine, tmp_path, store_factory):
     """update([resident, on disk]) pins the resident row while it reads the other one from the engine with

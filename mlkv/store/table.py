@@ -266,6 +266,7 @@ class Table:
         if n_miss:
             uk, inv = dedup(keys[miss])
             slots, rows = self._gather(uk, not st.readonly, np.full(len(uk), -1, dtype=np.int64))
+            st._stats["misses"] += n_miss - len(uk)  # counted per key asked for, like the hits
             self._consume(slots)
             out[miss] = rows[inv, : self.dim]
         return out

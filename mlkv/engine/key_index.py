@@ -71,49 +71,56 @@ def _lookup(tkeys, tvals, shift, keys, out):
 
 
 @_kernel
-def _insert(tkeys, tvals, shift, keys, vals):
-    """Insert keys known to be absent at the end of each one's chain."""
+def insert_one(tkeys, tvals, shift, key, val):
+    """Insert a key known to be absent at the end of its chain (callable from other kernels; the caller
+    keeps the load <= 1/2, see KeyIndex.reserve)."""
     mask = tvals.shape[0] - 1
-    for i in range(keys.shape[0]):
-        p = _home(keys[i], shift)
-        while tvals[p] != EMPTY:
-            p = (p + 1) & mask
-        tkeys[p] = keys[i]
-        tvals[p] = vals[i]
+    p = _home(key, shift)
+    while tvals[p] != EMPTY:
+        p = (p + 1) & mask
+    tkeys[p] = key
+    tvals[p] = val
 
 
 @_kernel
-def _remove(tkeys, tvals, shift, keys, old):
-    """Delete keys; old[i] = the value keys[i] had, -1 when absent. Returns how many were present.
+def remove_one(tkeys, tvals, shift, key):
+    """Delete `key`; return the value it had, -1 when absent (callable from other kernels).
 
     Backward shift: after emptying position i, each later entry j of the run whose home is not
     cyclically in (i, j] moves back into i, so every chain stays unbroken without tombstones."""
     mask = tvals.shape[0] - 1
+    i = probe(tkeys, tvals, shift, key)
+    if i < 0:
+        return EMPTY
+    old = tvals[i]
+    j = i
+    while True:
+        j = (j + 1) & mask
+        if tvals[j] == EMPTY:
+            break
+        h = _home(tkeys[j], shift)
+        if (i < h <= j) if i < j else (h > i or h <= j):
+            continue  # j's home is in (i, j]: it cannot move before its home
+        tkeys[i] = tkeys[j]
+        tvals[i] = tvals[j]
+        i = j
+    tvals[i] = EMPTY
+    return old
+
+
+@_kernel
+def _insert(tkeys, tvals, shift, keys, vals):
+    for i in range(keys.shape[0]):
+        insert_one(tkeys, tvals, shift, keys[i], vals[i])
+
+
+@_kernel
+def _remove(tkeys, tvals, shift, keys, old):
+    """old[i] = the value keys[i] had (-1: absent); returns how many were present."""
     removed = 0
-    for n in range(keys.shape[0]):
-        k = keys[n]
-        i = _home(k, shift)
-        old[n] = EMPTY
-        while tvals[i] != EMPTY:
-            if tkeys[i] == k:
-                break
-            i = (i + 1) & mask
-        if tvals[i] == EMPTY:
-            continue
-        old[n] = tvals[i]
-        removed += 1
-        j = i
-        while True:
-            j = (j + 1) & mask
-            if tvals[j] == EMPTY:
-                break
-            h = _home(tkeys[j], shift)
-            if (i < h <= j) if i < j else (h > i or h <= j):
-                continue  # j's home is in (i, j]: it cannot move before its home
-            tkeys[i] = tkeys[j]
-            tvals[i] = tvals[j]
-            i = j
-        tvals[i] = EMPTY
+    for i in range(keys.shape[0]):
+        old[i] = remove_one(tkeys, tvals, shift, keys[i])
+        removed += old[i] != EMPTY
     return removed
 
 
@@ -167,13 +174,17 @@ class KeyIndex:
             out.fill(EMPTY)
         return out
 
+    def reserve(self, n: int) -> None:
+        """Make room for n more keys at load <= 1/2 (before a kernel inserts them with insert_one)."""
+        if (self.live + n) * 2 > len(self.vals):
+            self._grow(self.live + n)
+
     def insert_new(self, keys: np.ndarray, vals: np.ndarray) -> None:
         """Insert distinct keys that are known to be absent."""
         n = len(keys)
         if n == 0:
             return
-        if (self.live + n) * 2 > len(self.vals):
-            self._grow(self.live + n)
+        self.reserve(n)
         _insert(self.keys, self.vals, self._shift, as_u64(keys), np.ascontiguousarray(vals, dtype=np.int64))
         self.live += n
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ..engine.key_index import KeyIndex, as_u64, probe
+from ..engine.key_index import KeyIndex, as_u64, insert_one, probe, remove_one
 
 SLOT_OVERHEAD_BYTES = 8 + 8 + 3 + 32
 _kernel = numba.njit(nogil=True, cache=True)
@@ -63,6 +63,56 @@ def _scatter_rows(emb, state, slots, rows):
 
 
 @_kernel
+def _drop_slots(
+    slots, keys, used, dirty, pins, announced, emb, state, index, free, n_free, out_keys, out_rows
+):  # noqa: E501
+    """Free resident slots: their keys leave the index (`index` = KeyIndex.kernel_args()), dirty rows are
+    copied to out_keys/out_rows for write-back, the slots go onto the free stack.
+    Returns (dirty rows copied out, new n_free)."""
+    tkeys, tvals, shift = index
+    d, w = emb.shape[1], state.shape[1]
+    n_dirty = 0
+    for i in range(slots.shape[0]):
+        s = slots[i]
+        if dirty[s]:
+            out_keys[n_dirty] = keys[s]
+            for j in range(d):
+                out_rows[n_dirty, j] = emb[s, j]
+            for j in range(w):
+                out_rows[n_dirty, d + j] = state[s, j]
+            n_dirty += 1
+        remove_one(tkeys, tvals, shift, keys[s])
+        used[s] = False
+        dirty[s] = False
+        pins[s] = 0
+        announced[s] = 0
+        free[n_free] = s
+        n_free += 1
+    return n_dirty, n_free
+
+
+@_kernel
+def _admit(new_keys, rows, new_dirty, keys, used, dirty, ref, emb, state, index, free, n_free, slots):
+    """Pop a free slot for each new key, store its row and flags, index it. Returns the new n_free."""
+    tkeys, tvals, shift = index
+    d, w = emb.shape[1], state.shape[1]
+    for i in range(slots.shape[0]):
+        n_free -= 1
+        s = free[n_free]
+        keys[s] = new_keys[i]
+        for j in range(d):
+            emb[s, j] = rows[i, j]
+        for j in range(w):
+            state[s, j] = rows[i, d + j]
+        used[s] = True
+        dirty[s] = new_dirty[i]
+        ref[s] = True
+        insert_one(tkeys, tvals, shift, new_keys[i], s)
+        slots[i] = s
+    return n_free
+
+
+@_kernel
 def _clock(used, pins, announced, ref, hand, n, announced_too, out):
     """CLOCK: from `hand`, take up to n resident, unpinned (and unannounced, unless announced_too) slots
     whose ref bit is clear, clearing the ref bits passed over; at most two sweeps (the first may clear
@@ -103,7 +153,8 @@ class MemoryTier:
         self.announced = np.zeros(cap, dtype=np.int32)
         self.ref = np.zeros(cap, dtype=bool)
         self.pins = np.zeros(cap, dtype=np.int32)
-        self.free = np.arange(cap - 1, -1, -1, dtype=np.int64)
+        self.free = np.arange(cap - 1, -1, -1, dtype=np.int64)  # a stack: free[:n_free] are free slots
+        self.n_free = cap
         self.capacity = cap
 
     def rows(self, slots: np.ndarray) -> np.ndarray:
@@ -154,7 +205,8 @@ class MemoryTier:
         self.set_rows(np.arange(n), rows)
         self.used[:n] = True
         self.ref[:n] = True
-        self.free = np.arange(self.capacity - 1, n - 1, -1, dtype=np.int64)
+        self.n_free = self.capacity - n
+        self.free[: self.n_free] = np.arange(self.capacity - 1, n - 1, -1, dtype=np.int64)
         self.index = KeyIndex(n)
         self.index.insert_new(self.keys[:n], np.arange(n, dtype=np.int64))
         self.hand = 0
@@ -176,15 +228,13 @@ class MemoryTier:
         return np.empty(0, np.uint64), np.empty((0, self.width), np.float32)
 
     def _drop(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        dirty = slots[self.dirty[slots]]
-        out = (self.keys[dirty].copy(), self.rows(dirty))
-        self.index.remove(self.keys[slots])
-        self.used[slots] = False
-        self.dirty[slots] = False
-        self.pins[slots] = 0
-        self.announced[slots] = 0
-        self.free = np.concatenate([self.free, slots])
-        return out
+        keys = np.empty(len(slots), dtype=np.uint64)
+        rows = np.empty((len(slots), self.width), dtype=np.float32)
+        flags = (self.used, self.dirty, self.pins, self.announced)
+        args = (self.emb, self.state, self.index.kernel_args(), self.free, self.n_free, keys, rows)
+        n_dirty, self.n_free = _drop_slots(slots, self.keys, *flags, *args)
+        self.index.live -= len(slots)
+        return keys[:n_dirty], rows[:n_dirty]
 
     def remove(self, keys: np.ndarray) -> None:
         """Forget rows of distinct keys without writing them back (delete)."""
@@ -196,19 +246,15 @@ class MemoryTier:
 
     def admit(self, keys: np.ndarray, rows: np.ndarray, dirty: np.ndarray) -> np.ndarray:
         """Place distinct absent keys into free slots, as many as there are; return slots (-1: no room)."""
-        k = min(len(keys), len(self.free))
+        k = min(len(keys), self.n_free)
         slots = np.full(len(keys), -1, dtype=np.int64)
         if k == 0:
             return slots
-        s = self.free[len(self.free) - k :][::-1]
-        self.free = self.free[: len(self.free) - k]
-        self.keys[s] = keys[:k]
-        self.set_rows(s, rows[:k])
-        self.used[s] = True
-        self.dirty[s] = dirty[:k]
-        self.ref[s] = True
-        self.index.insert_new(keys[:k], s)
-        slots[:k] = s
+        self.index.reserve(k)
+        flags = (self.keys, self.used, self.dirty, self.ref, self.emb, self.state)
+        new = (as_u64(keys[:k]), rows[:k], np.ascontiguousarray(dirty[:k]))
+        self.n_free = _admit(*new, *flags, self.index.kernel_args(), self.free, self.n_free, slots[:k])
+        self.index.live += k
         return slots
 
     def take_dirty(self) -> tuple[np.ndarray, np.ndarray]:

@@ -138,16 +138,16 @@ class Table:
         look-ahead are kept, except from a demand read that finds nothing else: announcements are hints
         (a batch announced and then never read must not pin the tier forever)."""
         tier, st = self.tier, self._store
-        short = n - len(tier.free)
+        short = n - tier.n_free
         if short > 0 and not st._budget.settled(self):
             st._budget.grow(self, short)
-            short = n - len(tier.free)
+            short = n - tier.n_free
         for announced_too in (False, True) if demand else (False,):
             if short > 0:
-                before = len(tier.free)
+                before = tier.n_free
                 self._queue_write(*tier.evict(short, announced_too))
-                st._stats["evictions"] += len(tier.free) - before
-                short = n - len(tier.free)
+                st._stats["evictions"] += tier.n_free - before
+                short = n - tier.n_free
 
     def _queue_write(self, keys: np.ndarray, rows: np.ndarray) -> None:
         if len(keys):

@@ -191,6 +191,24 @@ def test_bench_store_small_run(tmp_path, capsys):
     assert os.listdir(tmp_path) == []  # the stores were removed
 
 
+def test_bench_store_times_slab_and_rocksdb_side_by_side(tmp_path, capsys):
+    rc, out, _ = _run(
+        capsys,
+        "bench", "store", "--only", "store", "--keys", "2000", "--dim", "4", "--batch", "128", "--seconds",
+        "0.05", "--cold-seconds", "0.02", "--engines", "slab,rocksdb", "--path", str(tmp_path), "--no-progress",
+        "--json",
+    )  # fmt: skip
+    assert rc == 0
+    report = json.loads(out)
+    side = [r for r in report["results"] if r["measurement"] == "warm get, interleaved"]
+    assert sorted(r["subject"] for r in side) == ["rocksdb", "slab"]
+    assert all(r["keys_per_s"] > 0 and len(r["samples"]) == 6 and 0 < r["hit_rate"] < 1 for r in side)
+    ratio = next(r for r in report["ratios"] if r["target"] == 10.0)
+    assert ratio["name"] == "slab warm get, interleaved / rocksdb warm get, interleaved"
+    rate = {r["subject"]: r["keys_per_s"] for r in side}
+    assert ratio["value"] == pytest.approx(rate["slab"] / rate["rocksdb"])
+
+
 def test_bench_lookahead_small_run(tmp_path, capsys):
     """`--only lookahead` on a tiny table: every (regime, K, T) run is there, with ratios to K=0 and T=1."""
     argv = [

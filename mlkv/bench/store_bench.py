@@ -55,7 +55,8 @@ LOAD_BATCH = 65536
 RATIOS = (
     (("slab", "cached get"), ("numpy", "in-memory gather"), 0.5),
     (("slab", "cold get"), ("memmap", "cold gather"), 0.5),
-    (("slab", "warm get"), ("rocksdb", "warm get"), 10.0),
+    (("slab", "warm get, interleaved"), ("rocksdb", "warm get, interleaved"), 10.0),
+    (("slab", "warm get"), ("rocksdb", "warm get"), None),
     (("slab", "warm engine read"), ("rocksdb", "warm engine read"), None),
     (("slab", "cached get+release, tracked"), ("numpy", "in-memory gather"), None),
     (("slab", "cached get"), ("memory", "cached get"), None),
@@ -304,6 +305,32 @@ def _bench_engine(
     return out
 
 
+def _warm_get_side_by_side(cfg: BenchConfig, data: _Data, stream: KeyStream, root: str, step) -> list[Result]:
+    """Warm get on slab and RocksDB with both stores open, their repeats alternating: the target ratio,
+    steady against load and page-cache reclaim that come and go between the two engines' own phases."""
+    step("slab vs rocksdb: warm get, interleaved")
+    small = max(int(cfg.small_tier * data.table_bytes), data.row_bytes)
+    paths = [os.path.join(root, e) for e in ("slab", "rocksdb")]
+    with (
+        mlkv.open(paths[0], engine="slab", cache_bytes=small) as slab,
+        mlkv.open(paths[1], engine="rocksdb", cache_bytes=small) as rocks,
+    ):
+        stores = (slab, rocks)
+        readers = [_reader(s.table(TABLE), stream) for s in stores]
+        for path, get in zip(paths, readers, strict=True):
+            warm_files(path)
+            measure_warm(get, stream.batches(), cfg.seconds / 2, repeats=1)  # warm-up: fill the tier
+        for s in stores:
+            s.reset_stats()
+        timings = measure_interleaved(readers, stream.batches(), 2 * cfg.seconds, repeats=6)
+        note = "as warm get, both stores open, repeats alternating with the other engine's"
+        out = [
+            _result(e, "warm get, interleaved", t, _hit_rate(s), note)
+            for e, s, t in zip(("slab", "rocksdb"), stores, timings, strict=True)
+        ]
+    return out
+
+
 def _ratios(results: list[Result]) -> list[dict]:
     """The RATIOS; against numpy, a measurement timed interleaved with the numpy gather uses that run."""
     by = {(r.subject, r.measurement): r for r in results}
@@ -396,6 +423,7 @@ def run_store_bench(cfg: BenchConfig) -> dict:
     total_steps = 1
     if do_store:
         total_steps += 4 + sum(6 if e == "memory" else 7 for e in cfg.engines)
+        total_steps += {"slab", "rocksdb"} <= set(cfg.engines)
     if do_lookahead:
         total_steps += lookahead_bench.steps(cfg)
     results: list[Result] = []
@@ -417,6 +445,8 @@ def run_store_bench(cfg: BenchConfig) -> dict:
                 results = _baselines(cfg, data, stream, root, step)
                 for engine in cfg.engines:
                     results += _bench_engine(engine, cfg, data, stream, root, step, bar_opts)
+                if {"slab", "rocksdb"} <= set(cfg.engines):
+                    results += _warm_get_side_by_side(cfg, data, stream, root, step)
             if do_lookahead:
                 lookahead = lookahead_bench.run_lookahead_bench(cfg, data, stream, root, step, bar_opts)
             steps.update(1)

@@ -194,9 +194,9 @@ def test_bench_store_small_run(tmp_path, capsys):
 def test_bench_store_times_slab_and_rocksdb_side_by_side(tmp_path, capsys):
     rc, out, _ = _run(
         capsys,
-        "bench", "store", "--only", "store", "--keys", "2000", "--dim", "4", "--batch", "128", "--seconds",
-        "0.05", "--cold-seconds", "0.02", "--engines", "slab,rocksdb", "--path", str(tmp_path), "--no-progress",
-        "--json",
+        "bench", "store", "--only", "store", "--keys", "2000", "--dim", "4", "--batch", "128",
+        "--seconds", "0.05", "--cold-seconds", "0.02", "--engines", "slab,rocksdb", "--path", str(tmp_path),
+        "--no-progress", "--json",
     )  # fmt: skip
     assert rc == 0
     report = json.loads(out)

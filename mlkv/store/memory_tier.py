@@ -65,7 +65,7 @@ def _scatter_rows(emb, state, slots, rows):
 @_kernel
 def _drop_slots(
     slots, keys, used, dirty, pins, announced, emb, state, index, free, n_free, out_keys, out_rows
-):  # noqa: E501
+):
     """Free resident slots: their keys leave the index (`index` = KeyIndex.kernel_args()), dirty rows are
     copied to out_keys/out_rows for write-back, the slots go onto the free stack.
     Returns (dirty rows copied out, new n_free)."""

@@ -307,7 +307,9 @@ def _bench_engine(
 
 def _warm_get_side_by_side(cfg: BenchConfig, data: _Data, stream: KeyStream, root: str, step) -> list[Result]:
     """Warm get on slab and RocksDB with both stores open, their repeats alternating: the target ratio,
-    steady against load and page-cache reclaim that come and go between the two engines' own phases."""
+    steady against load that comes and goes between the two engines' own phases. Each repeat starts by
+    reading the engine's files again (untimed): this VM pages out file pages idle for ~1 s (a DAMON
+    `pageout` scheme), which would turn the rarely read rows of a "warm" run into disk reads."""
     step("slab vs rocksdb: warm get, interleaved")
     small = max(int(cfg.small_tier * data.table_bytes), data.row_bytes)
     paths = [os.path.join(root, e) for e in ("slab", "rocksdb")]
@@ -322,8 +324,9 @@ def _warm_get_side_by_side(cfg: BenchConfig, data: _Data, stream: KeyStream, roo
             measure_warm(get, stream.batches(), cfg.seconds / 2, repeats=1)  # warm-up: fill the tier
         for s in stores:
             s.reset_stats()
-        timings = measure_interleaved(readers, stream.batches(), 2 * cfg.seconds, repeats=6)
-        note = "as warm get, both stores open, repeats alternating with the other engine's"
+        rewarm = [lambda p=p: warm_files(p) for p in paths]
+        timings = measure_interleaved(readers, stream.batches(), 2 * cfg.seconds, repeats=6, prepare=rewarm)
+        note = "as warm get, both stores open, repeats alternating, files re-read before each"
         out = [
             _result(e, "warm get, interleaved", t, _hit_rate(s), note)
             for e, s, t in zip(("slab", "rocksdb"), stores, timings, strict=True)

@@ -48,13 +48,20 @@ def measure_warm(
 
 
 def measure_interleaved(
-    runs: list[Callable[[int], int]], batches: Iterator[int], seconds: float, repeats: int = 5
+    runs: list[Callable[[int], int]],
+    batches: Iterator[int],
+    seconds: float,
+    repeats: int = 5,
+    prepare: list[Callable[[], object]] | None = None,
 ) -> list[Timing]:
     """measure_warm of several runs, their repeats alternating (A B A B ...), so a ratio between them is
-    not skewed by load that comes and goes during the measurement (other processes on a small machine)."""
+    not skewed by load that comes and goes during the measurement (other processes on a small machine).
+    `prepare[k]()`, if given, runs untimed before each repeat of run k."""
     out = [Timing(0.0) for _ in runs]
     for _ in range(repeats):
-        for run, timing in zip(runs, out, strict=True):
+        for k, (run, timing) in enumerate(zip(runs, out, strict=True)):
+            if prepare is not None:
+                prepare[k]()
             one = measure_warm(run, batches, seconds / repeats, repeats=1)
             timing.samples += one.samples
             timing.batches += one.batches

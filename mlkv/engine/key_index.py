@@ -17,6 +17,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .prefetch import prefetch_row
+
 EMPTY = -1
 _MIN_CAPACITY = 1024
 _FIB = np.uint64(0x9E3779B97F4A7C15)
@@ -37,7 +39,7 @@ def hash64(keys: np.ndarray) -> np.ndarray:
 
 
 @_kernel
-def _home(key, shift):
+def home(key, shift):
     """Fibonacci hashing (top bits of key * 2^64/phi) of the key with its high half folded in: spreads
     sequential, strided and high-bit-only keys evenly."""
     return np.int64(((key ^ (key >> _HALF)) * _FIB) >> shift)
@@ -47,7 +49,7 @@ def _home(key, shift):
 def probe(tkeys, tvals, shift, key):
     """Table position of `key`, -1 when absent (callable from other kernels)."""
     mask = tvals.shape[0] - 1
-    p = _home(key, shift)
+    p = home(key, shift)
     while tvals[p] != EMPTY:
         if tkeys[p] == key:
             return p
@@ -62,10 +64,19 @@ def _find(tkeys, tvals, shift, keys, pos):
         pos[i] = probe(tkeys, tvals, shift, keys[i])
 
 
+_AHEAD = 8  # keys between prefetching an entry and probing it
+
+
 @_kernel
 def _lookup(tkeys, tvals, shift, keys, out):
-    """out[i] = value of keys[i], or -1 when absent."""
-    for i in range(keys.shape[0]):
+    """out[i] = value of keys[i], or -1 when absent (entries prefetched _AHEAD keys ahead: a big index
+    misses the cache on every key)."""
+    n = keys.shape[0]
+    for i in range(min(_AHEAD, n)):
+        prefetch_row(tvals, home(keys[i], shift))
+    for i in range(n):
+        if i + _AHEAD < n:
+            prefetch_row(tvals, home(keys[i + _AHEAD], shift))
         p = probe(tkeys, tvals, shift, keys[i])
         out[i] = tvals[p] if p >= 0 else EMPTY
 
@@ -75,7 +86,7 @@ def insert_one(tkeys, tvals, shift, key, val):
     """Insert a key known to be absent at the end of its chain (callable from other kernels; the caller
     keeps the load <= 1/2, see KeyIndex.reserve)."""
     mask = tvals.shape[0] - 1
-    p = _home(key, shift)
+    p = home(key, shift)
     while tvals[p] != EMPTY:
         p = (p + 1) & mask
     tkeys[p] = key
@@ -98,7 +109,7 @@ def remove_one(tkeys, tvals, shift, key):
         j = (j + 1) & mask
         if tvals[j] == EMPTY:
             break
-        h = _home(tkeys[j], shift)
+        h = home(tkeys[j], shift)
         if (i < h <= j) if i < j else (h > i or h <= j):
             continue  # j's home is in (i, j]: it cannot move before its home
         tkeys[i] = tkeys[j]
@@ -110,15 +121,20 @@ def remove_one(tkeys, tvals, shift, key):
 
 @_kernel
 def _insert(tkeys, tvals, shift, keys, vals):
-    for i in range(keys.shape[0]):
+    n = keys.shape[0]
+    for i in range(n):
+        if i + _AHEAD < n:
+            prefetch_row(tvals, home(keys[i + _AHEAD], shift))
         insert_one(tkeys, tvals, shift, keys[i], vals[i])
 
 
 @_kernel
 def _remove(tkeys, tvals, shift, keys, old):
     """old[i] = the value keys[i] had (-1: absent); returns how many were present."""
-    removed = 0
-    for i in range(keys.shape[0]):
+    removed, n = 0, keys.shape[0]
+    for i in range(n):
+        if i + _AHEAD < n:
+            prefetch_row(tvals, home(keys[i + _AHEAD], shift))
         old[i] = remove_one(tkeys, tvals, shift, keys[i])
         removed += old[i] != EMPTY
     return removed
@@ -236,7 +252,7 @@ def _dedup(tkeys, tvals, shift, keys, uniq, inverse):
     m = 0
     for i in range(keys.shape[0]):
         k = keys[i]
-        p = _home(k, shift)
+        p = home(k, shift)
         while True:
             if tvals[p] == EMPTY:
                 tkeys[p], tvals[p] = k, m

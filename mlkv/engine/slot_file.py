@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import CorruptionError
 from .key_index import hash64
+from .prefetch import prefetch_at
 
 MAGIC = b"MLKVSLAB"
 VERSION = 1
@@ -57,14 +58,21 @@ def _set_checks(words, c1, c2):
         words[i, 1] = _mix(acc ^ _mix(words[i, 0]))
 
 
+_AHEAD = 6  # slots prefetched ahead of the one being copied
+
+
 @numba.njit(nogil=True, cache=True)
 def _gather(words, keys, slots, c1, c2, out):
     """out[i] = row words of slot slots[i] (zeros where slots[i] < 0), each verified against keys[i] while
-    it is copied (explicit loops: numba's slice copies are ~3x slower here).
+    it is copied (explicit loops: numba's slice copies are ~3x slower here). Every line of the slot
+    _AHEAD keys on is prefetched, so the random reads overlap.
     Returns (index of the first bad slot or -1, number of bad slots)."""
     first, bad = -1, 0
-    m = out.shape[1]
-    for i in range(keys.shape[0]):
+    n, m = keys.shape[0], out.shape[1]
+    for i in range(n):
+        if i + _AHEAD < n and slots[i + _AHEAD] >= 0:
+            for j in range(0, words.shape[1], 8):
+                prefetch_at(words, slots[i + _AHEAD], j)
         s = slots[i]
         if s < 0:
             for j in range(m):

@@ -18,21 +18,37 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ..engine.key_index import KeyIndex, as_u64, insert_one, probe, remove_one
+from ..engine.key_index import KeyIndex, as_u64, home, insert_one, probe, remove_one
+from ..engine.prefetch import prefetch_at, prefetch_row
 
 SLOT_OVERHEAD_BYTES = 8 + 8 + 3 + 32
 _kernel = numba.njit(nogil=True, cache=True)
+_AHEAD = 8  # keys between prefetching a key's index entry and its row, and between its row and the copy
 
 
 @_kernel
 def _read_embeddings(tkeys, tvals, shift, keys, emb, ref, out, slots):
     """For each key: slots[i] = its slot (-1: not resident); a resident row's embedding is copied to out[i]
-    and its CLOCK bit set. One pass: probe and copy while the entry is in cache."""
-    d = emb.shape[1]
-    for i in range(keys.shape[0]):
-        p = probe(tkeys, tvals, shift, keys[i])
-        s = tvals[p] if p >= 0 else -1
-        slots[i] = s
+    and its CLOCK bit set. A three-stage pipeline over the keys: prefetch the index entry of key i + 2A,
+    probe key i + A (its entry now cached) and prefetch its row, copy row i (cached): the two random
+    reads per key overlap with other keys' work instead of stalling one after the other."""
+    n, d = keys.shape[0], emb.shape[1]
+    for i in range(min(2 * _AHEAD, n)):
+        prefetch_row(tvals, home(keys[i], shift))
+    for i in range(n):
+        if i + 2 * _AHEAD < n:
+            prefetch_row(tvals, home(keys[i + 2 * _AHEAD], shift))
+        a = i + _AHEAD
+        if a < n:
+            p = probe(tkeys, tvals, shift, keys[a])
+            slots[a] = tvals[p] if p >= 0 else -1
+            if slots[a] >= 0:
+                for j in range(0, d, 16):
+                    prefetch_at(emb, slots[a], j)
+        if i < _AHEAD:
+            p = probe(tkeys, tvals, shift, keys[i])
+            slots[i] = tvals[p] if p >= 0 else -1
+        s = slots[i]
         if s >= 0:
             ref[s] = True
             for j in range(d):
@@ -71,8 +87,12 @@ def _drop_slots(
     Returns (dirty rows copied out, new n_free)."""
     tkeys, tvals, shift = index
     d, w = emb.shape[1], state.shape[1]
-    n_dirty = 0
-    for i in range(slots.shape[0]):
+    n_dirty, n = 0, slots.shape[0]
+    for i in range(n):
+        if i + 2 * _AHEAD < n:
+            prefetch_row(keys, slots[i + 2 * _AHEAD])
+        if i + _AHEAD < n:
+            prefetch_row(tvals, home(keys[slots[i + _AHEAD]], shift))
         s = slots[i]
         if dirty[s]:
             out_keys[n_dirty] = keys[s]
@@ -96,7 +116,15 @@ def _admit(new_keys, rows, new_dirty, keys, used, dirty, ref, emb, state, index,
     """Pop a free slot for each new key, store its row and flags, index it. Returns the new n_free."""
     tkeys, tvals, shift = index
     d, w = emb.shape[1], state.shape[1]
-    for i in range(slots.shape[0]):
+    n = slots.shape[0]
+    for i in range(n):
+        if i + _AHEAD < n:  # the row and index entry that key i + _AHEAD will write
+            t = free[n_free - 1 - _AHEAD]
+            for j in range(0, d, 16):
+                prefetch_at(emb, t, j)
+            for j in range(0, w, 16):
+                prefetch_at(state, t, j)
+            prefetch_row(tvals, home(new_keys[i + _AHEAD], shift))
         n_free -= 1
         s = free[n_free]
         keys[s] = new_keys[i]

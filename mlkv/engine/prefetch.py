@@ -18,15 +18,15 @@ _NAME = "llvm.prefetch.p0" if binding.llvm_version_info[0] >= 15 else "llvm.pref
 _I32 = ir.IntType(32)
 
 
-def _emit(context, builder, aryty, ary_value, indices) -> None:
+def _emit(context, builder, aryty, ary_value, indices, write: int = 0) -> None:
     ary = context.make_array(aryty)(context, builder, ary_value)
     ptr = cgutils.get_item_pointer(context, builder, aryty, ary, indices, wraparound=False)
     i8p = ir.IntType(8).as_pointer()
     fn = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32]), _NAME
     )
-    # read (0), keep in all cache levels (3), data cache (1)
-    builder.call(fn, [builder.bitcast(ptr, i8p), _I32(0), _I32(3), _I32(1)])
+    # read (0) or write (1), keep in all cache levels (3), data cache (1)
+    builder.call(fn, [builder.bitcast(ptr, i8p), _I32(write), _I32(3), _I32(1)])
 
 
 @intrinsic
@@ -48,6 +48,17 @@ def prefetch_at(typingctx, arr, i, j):
 
     def codegen(context, builder, signature, args):
         _emit(context, builder, signature.args[0], args[0], [args[1], args[2]])
+        return context.get_dummy_value()
+
+    return types.void(arr, i, j), codegen
+
+
+@intrinsic
+def prefetch_for_write_at(typingctx, arr, i, j):
+    """As prefetch_at, for a line about to be written (fetched for ownership)."""
+
+    def codegen(context, builder, signature, args):
+        _emit(context, builder, signature.args[0], args[0], [args[1], args[2]], write=1)
         return context.get_dummy_value()
 
     return types.void(arr, i, j), codegen

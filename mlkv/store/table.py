@@ -22,6 +22,7 @@ import zlib
 from collections.abc import Hashable, Iterator
 from typing import TYPE_CHECKING
 
+import numba
 import numpy as np
 
 from ..engine.key_index import KeyIndex, dedup, unique_inverse, unique_keys
@@ -35,6 +36,18 @@ if TYPE_CHECKING:
     from .store import Store
 
 _LOOKAHEAD_CHUNK = 512  # keys per background read: enough parallel page faults to fill the device queue
+
+
+@numba.njit(nogil=True, cache=True)
+def _fill_misses(out, miss, rows, inverse):
+    """out[i] = rows[inverse[c]][:dim] for the c-th i where miss[i]: a get's missed keys, in one pass."""
+    c = 0
+    for i in range(out.shape[0]):
+        if miss[i]:
+            r = inverse[c]
+            for j in range(out.shape[1]):
+                out[i, j] = rows[r, j]
+            c += 1
 
 
 class Table:
@@ -268,7 +281,7 @@ class Table:
             slots, rows = self._gather(uk, not st.readonly, np.full(len(uk), -1, dtype=np.int64))
             st._stats["misses"] += n_miss - len(uk)  # counted per key asked for, like the hits
             self._consume(slots)
-            out[miss] = rows[inv, : self.dim]
+            _fill_misses(out, miss, rows, inv)
         return out
 
     def _embeddings(self, slots: np.ndarray) -> np.ndarray:

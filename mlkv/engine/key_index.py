@@ -247,7 +247,7 @@ def as_u64(keys: np.ndarray) -> np.ndarray:
 
 
 @_kernel
-def _dedup(tkeys, tvals, shift, keys, uniq, inverse):
+def _dedup(tkeys, tvals, shift, keys, uniq, inverse, first):
     mask = tvals.shape[0] - 1
     m = 0
     for i in range(keys.shape[0]):
@@ -256,8 +256,7 @@ def _dedup(tkeys, tvals, shift, keys, uniq, inverse):
         while True:
             if tvals[p] == EMPTY:
                 tkeys[p], tvals[p] = k, m
-                uniq[m] = k
-                inverse[i] = m
+                uniq[m], first[m], inverse[i] = k, i, m
                 m += 1
                 break
             if tkeys[p] == k:
@@ -267,35 +266,35 @@ def _dedup(tkeys, tvals, shift, keys, uniq, inverse):
     return m
 
 
-def dedup(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(distinct keys in order of first appearance, inverse such that uk[inverse] == keys): one hashed pass,
-    for callers that need the distinct keys but not sorted (unique_inverse sorts)."""
+def _dedup_all(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     keys = as_u64(keys)
     cap = _MIN_CAPACITY
     while cap < 2 * len(keys):
         cap *= 2
     tkeys, tvals = np.empty(cap, dtype=np.uint64), np.full(cap, EMPTY, dtype=np.int64)
     uniq, inverse = np.empty(len(keys), dtype=np.uint64), np.empty(len(keys), dtype=np.intp)
-    m = _dedup(tkeys, tvals, np.uint64(65 - cap.bit_length()), keys, uniq, inverse)
-    return uniq[:m], inverse
+    first = np.empty(len(keys), dtype=np.intp)
+    m = _dedup(tkeys, tvals, np.uint64(65 - cap.bit_length()), keys, uniq, inverse, first)
+    return uniq[:m], inverse, first[:m]
+
+
+def dedup(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct keys in order of first appearance, inverse such that uk[inverse] == keys): one hashed pass,
+    for callers that need the distinct keys but not sorted."""
+    uniq, inverse, _ = _dedup_all(keys)
+    return uniq, inverse
 
 
 def unique_keys(keys: np.ndarray) -> np.ndarray:
-    """Sorted distinct keys. Sort-based: numpy 2.x's hash-based np.unique is several times slower here."""
-    s = np.sort(keys)
-    keep = np.empty(len(s), dtype=bool)
-    keep[:1] = True
-    np.not_equal(s[1:], s[:-1], out=keep[1:])
-    return s[keep]
+    """Sorted distinct keys (numpy 2.x's hash-based np.unique is several times slower here)."""
+    return np.sort(dedup(keys)[0])
 
 
 def unique_inverse(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(sorted distinct keys, inverse such that uk[inverse] == keys, index of each key's first occurrence)."""
-    order = np.argsort(keys, kind="stable")
-    s = keys[order]
-    keep = np.empty(len(s), dtype=bool)
-    keep[:1] = True
-    np.not_equal(s[1:], s[:-1], out=keep[1:])
-    inverse = np.empty(len(keys), dtype=np.intp)
-    inverse[order] = np.cumsum(keep) - 1
-    return s[keep], inverse, order[keep]
+    """(sorted distinct keys, inverse such that uk[inverse] == keys, index of each key's first occurrence):
+    a hashed pass, then a sort of the distinct keys only (Zipf batches repeat keys)."""
+    uniq, inverse, first = _dedup_all(keys)
+    order = np.argsort(uniq)
+    rank = np.empty(len(order), dtype=np.intp)
+    rank[order] = np.arange(len(order))
+    return uniq[order], rank[inverse], first[order]

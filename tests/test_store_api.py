@@ -643,3 +643,15 @@ def test_torch_tensor_keys_and_values(engine, tmp_path, store_factory):
     t.update(torch.tensor([5, 5]), torch.ones(2, 2))
     np.testing.assert_array_equal(t.get(u64(5)), [[1, 2]])
     assert t.contains(torch.tensor([-1, 6])).tolist() == [True, False]
+
+
+def test_opening_a_missing_table_without_dim_says_dim_creates_it(tmp_path):
+    with mlkv.open(tmp_path / "s") as store:
+        store.table("a", dim=2).get([1])
+        with pytest.raises(KeyError, match=r"no table 'b' .*tables: \['a'\] \(pass dim= to create it\)") as e:
+            store.table("b")
+        assert isinstance(e.value, mlkv.MlkvError)
+        assert store.tables() == ["a"]  # nothing created
+    with mlkv.open(tmp_path / "s", readonly=True, create=False) as store:
+        with pytest.raises(KeyError, match=r"\(the store is open readonly\)"):
+            store.table("b")

@@ -195,8 +195,9 @@ class Store:
             schema = self._schemas.get(name)
             if schema is None:
                 if dim is None:
+                    how = "the store is open readonly" if self.readonly else "pass dim= to create it"
                     raise UnknownTableError(
-                        f"no table {name!r} in {self.path}; tables: {sorted(self._schemas)}"
+                        f"no table {name!r} in {self.path}; tables: {sorted(self._schemas)} ({how})"
                     )
                 if dtype != "float32":  # checked here: an existing table's dtype mismatch is a SchemaError
                     raise InvalidArgumentError(

@@ -13,9 +13,7 @@ stores within one critical section, so concurrent updates of a row never lose ea
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 import threading
 import time
 import zlib
@@ -524,35 +522,39 @@ class Table:
             state = rows[inv, self.dim :]
             return {name: state[:, sl].copy() for name, sl in self.optimizer.state_names(self.dim).items()}
 
-    def export(self, path: str) -> int:
-        """Stream keys (int64) and weights (n, dim) float32 into a .safetensors file; return the row count."""
-        self.flush()
-        n = len(self)
-        header = {
-            "keys": {"dtype": "I64", "shape": [n], "data_offsets": [0, 8 * n]},
-            "weights": {
-                "dtype": "F32",
-                "shape": [n, self.dim],
-                "data_offsets": [8 * n, 8 * n + 4 * n * self.dim],
-            },
-            "__metadata__": {"table": self.name, "dim": str(self.dim)},
-        }
-        head = json.dumps(header).encode()
-        head += b" " * (-len(head) % 8)
-        base = 8 + len(head)
-        tmp = path + ".tmp"
-        written = 0
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(head)) + head)
-            f.truncate(base + 8 * n + 4 * n * self.dim)
-            for keys, rows in self.items():
-                if written + len(keys) > n:
-                    break
-                os.pwrite(f.fileno(), keys.tobytes(), base + 8 * written)
-                os.pwrite(f.fileno(), rows.tobytes(), base + 8 * n + 4 * self.dim * written)
-                written += len(keys)
-        if written != n:
-            os.remove(tmp)
-            raise MlkvError(f"table {self.name!r} changed during export ({n} rows expected, {written} read)")
-        os.replace(tmp, path)
-        return n
+    def export(self, path: str | os.PathLike) -> int:
+        r"""Write every row's key and embedding to a file, **sorted by key**, and return the row count.
+
+        The suffix of `path` picks the format; row ``i`` of ``weights`` is the embedding of ``keys[i]``
+        and ``keys`` is strictly ascending in every format:
+
+        - ``.safetensors``: tensors ``keys`` and ``weights``
+          (``safetensors.numpy.load_file(path)``).
+        - ``.npy``: ``path`` holds the weights and ``<stem>.keys.npy`` beside it the keys
+          (``np.load(path)``, ``np.load(stem + ".keys.npy")``).
+        - ``.pt``: ``torch.save`` of ``{"keys": ..., "weights": ...}`` (``torch.load(path)``).
+
+        Only embedding columns are written, not optimizer state. Dirty rows are flushed first. The file
+        appears under its name only when complete (written to ``path + ".tmp"``, then renamed).
+
+        Args:
+            path (str or os.PathLike): the output file; its directory must exist.
+
+        Returns:
+            int: the number of rows written.
+
+        Raises:
+            InvalidArgumentError: the suffix is none of ``.safetensors``, ``.npy``, ``.pt`` (the message
+                lists them).
+            PathNotFoundError: the directory of `path` does not exist (the message names it); nothing
+                is written.
+            MlkvError: rows were added or deleted while the table was exported; nothing is written.
+            StoreClosedError: the store is closed or the table was dropped.
+
+        Shape:
+            - keys: :math:`(n,)`, int64.
+            - weights: :math:`(n, \text{dim})`, float32.
+        """
+        from .export import export_table
+
+        return export_table(self, path)

@@ -652,6 +652,6 @@ def test_opening_a_missing_table_without_dim_says_dim_creates_it(tmp_path):
             store.table("b")
         assert isinstance(e.value, mlkv.MlkvError)
         assert store.tables() == ["a"]  # nothing created
-    with mlkv.open(tmp_path / "s", readonly=True, create=False) as store:
-        with pytest.raises(KeyError, match=r"\(the store is open readonly\)"):
-            store.table("b")
+    readonly = mlkv.open(tmp_path / "s", readonly=True, create=False)
+    with readonly, pytest.raises(KeyError, match=r"\(the store is open readonly\)"):
+        readonly.table("b")

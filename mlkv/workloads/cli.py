@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from dataclasses import replace
 from typing import Any
@@ -159,6 +160,19 @@ def _shared_flags(p: argparse.ArgumentParser, dataset: str, datasets: tuple, d: 
         "--json", action="store_true", help="print the result as one JSON object (last line of stdout)"
     )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="under torchrun: shard the tables over the ranks (PATH/rank-R-of-N), each rank trains on 1/N "
+        "of every batch (dlrm, kge); only rank 0 prints the summary",
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="with --distributed: how long a rank waits for a peer before failing (default 300)",
+    )
 
 
 def add_train_parsers(subparsers) -> argparse.ArgumentParser:
@@ -186,6 +200,8 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 def _validate(args: argparse.Namespace) -> None:
+    if args.distributed and args.baseline:
+        raise ValueError("--baseline trains in one process: run it without --distributed")
     for flag in ("epochs", "batch_size", "threads"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -207,6 +223,7 @@ def config_from_args(args: argparse.Namespace, log=None):
         path=args.path, epochs=args.epochs, seed=args.seed, cache_bytes=args.cache_bytes,
         staleness_bound=args.staleness_bound, lookahead=args.lookahead, engine=args.engine,
         resume=args.resume, dense_lr=args.dense_lr, checkpoint_every=args.checkpoint_every,
+        distributed=args.distributed, dist_timeout=args.dist_timeout,
         threads=args.threads, max_steps=args.max_steps, progress=args.progress, log=log,
     )  # fmt: skip
 
@@ -256,10 +273,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .runner import train
 
     _validate(args)
-    log = sys.stderr if args.json else sys.stdout
+    follower = args.distributed and os.environ.get("RANK", "0") != "0"  # torchrun's rank; rank 0 reports
+    log = sys.stderr if args.json or follower else sys.stdout
+    if follower:
+        args.progress = False
     workload = make_workload(args)
     cfg = config_from_args(args, log)
     report = train(workload, cfg, backend="mlkv")
+    if follower:
+        return 0
     if args.baseline:
         print("training the in-memory PyTorch baseline ...", file=log, flush=True)
         base = train(workload, replace(cfg, resume=False, path=None), backend="torch")

@@ -143,6 +143,14 @@ class DLRMWorkload(Workload):
     def samples_per_epoch(self) -> int | None:
         return self.n_train
 
+    def shard(self, batch: Batch, rank: int, world_size: int) -> Batch:
+        n = batch["size"]
+        if n < world_size:
+            raise ValueError(f"a batch of {n} samples cannot be shared by {world_size} ranks")
+        lo, hi = n * rank // world_size, n * (rank + 1) // world_size
+        part = {k: batch[k][lo:hi] for k in ("dense", "cats", "labels")}
+        return {**part, "size": hi - lo, "global_size": n}
+
     def keys(self, batch: Batch) -> dict[str, Any]:
         cats = batch["cats"]
         return {f"dlrm.{c}": cats[:, i] for i, c in enumerate(CAT_COLUMNS)}

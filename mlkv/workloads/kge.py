@@ -146,6 +146,21 @@ class KGEWorkload(Workload):
                 "size": len(rows),
             }
 
+    def shard(self, batch: Batch, rank: int, world_size: int) -> Batch:
+        """This rank's triples; the shared negatives go to every rank (each triple scores against all)."""
+        n = batch["size"]
+        if n < world_size:
+            raise ValueError(f"a batch of {n} triples cannot be shared by {world_size} ranks")
+        lo, hi = n * rank // world_size, n * (rank + 1) // world_size
+        ent = batch["entities"]
+        parts = (ent[lo:hi], ent[n + lo : n + hi], ent[2 * n :])
+        return {
+            "entities": torch.cat(parts),
+            "relations": batch["relations"][lo:hi],
+            "size": hi - lo,
+            "global_size": n,
+        }
+
     def keys(self, batch: Batch) -> dict[str, Any]:
         return {ENTITY: batch["entities"], RELATION: batch["relations"]}
 

@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 import mlkv
+import mlkv.distributed
 import mlkv.torch
 
 from ..errors import MlkvError
@@ -54,6 +55,8 @@ class TrainConfig:
     max_steps: int | None = None  # per epoch, for smoke tests
     progress: bool = True
     log: Any = None  # a file for the per-epoch lines; None: stdout
+    distributed: bool = False  # under torchrun: tables sharded over the ranks, each rank 1/N of every batch
+    dist_timeout: float = 300.0  # seconds a collective waits for a peer before failing (--distributed)
 
 
 @dataclass
@@ -77,7 +80,10 @@ def make_deterministic(seed: int, threads: int) -> None:
 
 # ---- the store ------------------------------------------------------------------------------------------
 def _open_store(workload: Workload, cfg: TrainConfig, path: str) -> mlkv.Store:
-    store = mlkv.open(
+    opener = mlkv.open
+    if cfg.distributed:  # this rank's shard, PATH/rank-R-of-N, opened collectively
+        opener = mlkv.distributed.open
+    store = opener(
         path,
         cache_bytes=cfg.cache_bytes,
         engine=cfg.engine,
@@ -89,7 +95,7 @@ def _open_store(workload: Workload, cfg: TrainConfig, path: str) -> mlkv.Store:
         for name in store.tables():
             if name in names:
                 store.drop_table(name)
-        shutil.rmtree(dense_dir(workload, path), ignore_errors=True)
+        shutil.rmtree(dense_dir(workload, store.path), ignore_errors=True)
     return store
 
 
@@ -195,8 +201,18 @@ def train(workload: Workload, cfg: TrainConfig, backend: str = "mlkv") -> dict[s
         raise MlkvError("--resume needs --path of an on-disk store (engine slab or rocksdb)")
     make_deterministic(cfg.seed, cfg.threads)
     specs = workload.tables()
+    leave_group = False
+    if cfg.distributed:
+        if backend != "mlkv":
+            raise MlkvError("distributed training shards mlkv tables: backend must be 'mlkv'")
+        leave_group = mlkv.distributed.init(timeout=cfg.dist_timeout)
     path = cfg.path if cfg.path is not None else tempfile.mkdtemp(prefix=f"mlkv-{workload.name}-")
-    store = _open_store(workload, cfg, path) if backend == "mlkv" else None
+    try:
+        store = _open_store(workload, cfg, path) if backend == "mlkv" else None
+    except BaseException:
+        if leave_group:
+            mlkv.distributed.shutdown()
+        raise
     try:
         tables = MlkvTables(store, specs, cfg.seed) if store else TorchTables(specs, cfg.seed)
         torch.manual_seed(cfg.seed)  # the dense layers start alike in both backends
@@ -205,21 +221,25 @@ def train(workload: Workload, cfg: TrainConfig, backend: str = "mlkv") -> dict[s
         sparse_opt = tables.sparse_optimizer(model)
         dense = dense_parameters(model, tables.sparse_parameters())
         dense_opt = torch.optim.Adam(dense, lr=cfg.dense_lr) if dense else None
-        run = _Run(workload, cfg, store, model, dense_opt, sparse_opt, path)
+        run = _Run(workload, cfg, store, model, dense_opt, sparse_opt, store.path if store else path)
         if cfg.resume:
-            run.state = _resume(workload, store, model, dense_opt, path)
+            run.state = _resume(workload, store, model, dense_opt, store.path)
             print(f"resumed at epoch {run.state.epoch + 1}, step {run.state.step}", file=run.log)
         run.epochs()
         report = run.finish()
         if store is not None:
             rows, nbytes = table_footprint(store, specs)
             report.update(table_rows=rows, table_bytes=nbytes, cache_bytes=store.cache_bytes)
+        if cfg.distributed:
+            report.update(rank=store.rank, world_size=store.world_size)
         return report
     finally:
         if store is not None:
             store.close()
         if cfg.path is None:
             shutil.rmtree(path, ignore_errors=True)
+        if leave_group:
+            mlkv.distributed.shutdown()
 
 
 class _StepBoundary:
@@ -265,6 +285,9 @@ class _Run:
 
     def _loader(self, epoch: int):
         batches = itertools.islice(self.w.batches(epoch), self.state.step, self.cfg.max_steps)
+        if self.cfg.distributed:  # every rank reads the global batch and keeps its share
+            rank, size = self.store.rank, self.store.world_size
+            batches = (self.w.shard(b, rank, size) for b in batches)
         if self.store is None or self.cfg.lookahead <= 0:
             return batches
         return mlkv.torch.Prefetcher(batches, keys=self.w.keys, tables=self.store, depth=self.cfg.lookahead)
@@ -280,6 +303,9 @@ class _Run:
         st = self.state
         loss = self.w.loss(self.model, batch)
         value = float(loss.detach())
+        if self.cfg.distributed:  # scaled by this rank's share: summed over ranks, the global batch's mean
+            loss = loss * (batch["size"] / batch["global_size"])
+            value = float(mlkv.distributed.group.all_reduce([float(loss.detach())], "sum", "loss")[0])
         if not math.isfinite(value):  # raised before anything is applied: the state stays consistent
             raise MlkvError(f"training diverged: loss {value} at step {st.global_step}")
         boundary.inside = True
@@ -287,14 +313,17 @@ class _Run:
             if opt is not None:
                 opt.zero_grad()
         loss.backward()
+        if self.cfg.distributed and self.dense_opt is not None:
+            params = [p for g in self.dense_opt.param_groups for p in g["params"]]
+            mlkv.distributed.all_reduce_gradients(params, self.store.world_size)
         for opt in (self.dense_opt, self.sparse_opt):
             if opt is not None:
                 opt.step()
         st.losses = [*st.losses[-(LOSS_WINDOW - 1) :], value]
         st.step += 1
         st.global_step += 1
-        st.samples += batch["size"]
-        self.samples += batch["size"]
+        st.samples += batch.get("global_size", batch["size"])
+        self.samples += batch.get("global_size", batch["size"])
         boundary.inside = False
 
     def _train_epoch(self, boundary: _StepBoundary, bar: _Progress) -> None:
@@ -303,7 +332,7 @@ class _Run:
         try:
             for batch in loader:
                 self._step(batch, boundary)
-                bar.update(batch["size"], st.losses[-1])
+                bar.update(batch.get("global_size", batch["size"]), st.losses[-1])
                 if boundary.interrupted:
                     raise KeyboardInterrupt
                 if cfg.checkpoint_every and st.global_step % cfg.checkpoint_every == 0:

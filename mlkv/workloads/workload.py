@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..errors import UnsupportedError
 from .tables import TableSpec
 
 Batch = dict[str, Any]  # tensors and arrays, plus "size": the number of samples it counts as
@@ -53,6 +54,12 @@ class Workload(ABC):
     @abstractmethod
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
         """Metrics on `split` (called in eval mode under torch.no_grad())."""
+
+    def shard(self, batch: Batch, rank: int, world_size: int) -> Batch:
+        """Rank `rank`'s share of a global batch for data-parallel training (`--distributed`): about
+        1/world_size of its samples, at least one each, with "size" the share's samples and "global_size"
+        the batch's. Losses must be means over samples, so that share-weighted sums give the global mean."""
+        raise UnsupportedError(f"workload {self.name!r} does not support --distributed")
 
     def describe(self) -> dict[str, Any]:
         """Facts about the dataset for the report (sizes, source files)."""

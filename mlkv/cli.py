@@ -20,6 +20,7 @@ import mlkv
 
 from .engine import ENGINES
 from .errors import CorruptionError, MlkvError, StoreLockedError
+from .store.store import engine_files
 
 _MARKER = "MLKV"  # the JSON file in which every on-disk store names its engine
 
@@ -40,6 +41,11 @@ def store_engine(path: str) -> str:
         with open(marker) as f:
             found = json.load(f)
     except FileNotFoundError:
+        found = engine_files(path)
+        if found:  # the marker is written before any engine file: it was lost
+            raise CorruptionError(
+                marker, None, f"missing, but the directory holds engine files ({', '.join(found[:4])})"
+            ) from None
         raise UsageError(f"{path} is not an mlkv store (it has no {_MARKER} file)") from None
     except ValueError as e:
         raise CorruptionError(marker, 0, f"not valid JSON: {e}") from None
@@ -215,9 +221,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # ---- check ----------------------------------------------------------------------------------------------
 def cmd_check(args: argparse.Namespace) -> int:
-    engine = store_engine(args.path)
-    tables, rows = [], 0
+    """Exit 0: sound; 1: damaged, including a store that cannot be opened for damage (report on stdout);
+    2: not a store, in use, or a usage error (one line on stderr)."""
+    engine, tables, rows = None, [], 0
     try:
+        engine = store_engine(args.path)
         with mlkv.open(args.path, readonly=True, create=False, engine=engine) as store:
             tables = store.tables()
             rows = sum(len(store.table(name)) for name in tables)

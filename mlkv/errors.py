@@ -12,10 +12,15 @@ class SchemaError(MlkvError, ValueError):
 class CorruptionError(MlkvError):
     """An on-disk structure failed its magic, version, length or checksum test."""
 
-    def __init__(self, file: str, offset: int, what: str):
-        super().__init__(f"{file}: corrupt at offset {offset}: {what}")
+    def __init__(
+        self, file: str, offset: int | None, what: str, *, table: str | None = None, key: int | None = None
+    ):
+        where = "" if offset is None else f" at offset {offset}"  # None: no byte offset applies
+        super().__init__(f"{file}: corrupt{where}: {what}")
         self.file = file
         self.offset = offset
+        self.table = table  # the table and row key the damage was found in, where known
+        self.key = key
 
 
 class StoreLockedError(MlkvError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zlib
 
 from ..durable_files import replace_atomically
@@ -18,6 +19,12 @@ from ..faults import crash_point
 MAGIC = "MLKVMANIFEST"
 VERSION = 1
 FILE_NAME = "MANIFEST"
+_TABLE_FILE = re.compile(r"t\d+\.(slab|\d+\.snap|\d+\.log)")  # t<id>.slab, t<id>.<gen>.snap|log
+
+
+def table_files(directory: str) -> list[str]:
+    """The names in `directory` of slab table files (the only names the slab engine ever deletes)."""
+    return sorted(f for f in os.listdir(directory) if _TABLE_FILE.fullmatch(f))
 
 
 def write_manifest(directory: str, body: dict) -> None:

@@ -15,7 +15,19 @@ skip the WAL: nothing ever needs them after a crash. Checkpoint cost follows the
 table sizes, but every row is written twice (staging, then D), the checkpoint's batch holds all staged
 values in memory, and the dead staging copies stay on disk until RocksDB's background compaction drops
 them (right after a checkpoint of 1 M rows the directory was ~3x the data for a while). Table ids are never
-reused, so a dropped table's rows cannot resurface under a new table.
+reused, so a dropped table's rows cannot resurface under a new table. Only a database directory that does
+not exist is created: one without RocksDB's CURRENT file raises CorruptionError (RocksDB would start an
+empty database over it and then delete the old files), and a readonly open of a missing one does too.
+
+Reads do one multi-get per batch, one key per requested key: an in-memory index of the keys staged since
+the last checkpoint (KeyIndex: key -> row or tombstone) says which space holds each key's current value,
+and staged deletes need no lookup at all. Counts: committed counts live in M; the count of a table with
+staged entries is derived from its staging range on demand (cached until the next write to it), rather
+than paying a read on every write to learn whether a key is new.
+
+Value framing: header (magic, version, kind, 0), payload, then the CRC-32 of header + payload, little-endian.
+A CRC-32 run over a message followed by its own CRC is the constant 0x2144DF1C, so a value is checked with
+one zlib.crc32 call and no slicing.
 
 Reads do one multi-get per batch, one key per requested key: an in-memory index of the keys staged since
 the last checkpoint (KeyIndex: key -> row or tombstone) says which space holds each key's current value,
@@ -167,11 +179,7 @@ class RocksDBEngine(Engine):
         start = time.perf_counter()
         self.path = os.path.abspath(path)
         self.readonly = readonly
-        if readonly:
-            if not os.path.exists(os.path.join(self.path, "CURRENT")):
-                raise FileNotFoundError(f"no RocksDB database at {self.path}")
-        else:
-            os.makedirs(self.path, exist_ok=True)
+        self._check_database(readonly)
         self._block_cache = Cache(_BLOCK_CACHE_BYTES)
         access = AccessType.read_only() if readonly else AccessType.read_write()
         self._db: Rdict | None = Rdict(self.path, self._options(), access_type=access)
@@ -189,6 +197,25 @@ class RocksDBEngine(Engine):
             # entries staged after the last checkpoint died with the process that wrote them
             self._db.delete_range(_STAGE, _STAGE_END, write_opt=self._stage_opts)
         self.recovery_seconds = time.perf_counter() - start
+
+    def _check_database(self, readonly: bool) -> None:
+        """Refuse a database directory without CURRENT, RocksDB's root: given create_if_missing, RocksDB would
+        start an empty database there and its next open would delete the old one's files as obsolete.
+        Only a directory that does not exist yet (a new store) is created; a readonly open needs CURRENT."""
+        current = os.path.join(self.path, "CURRENT")
+        if os.path.exists(current):
+            return
+        if os.path.isdir(self.path) and os.listdir(self.path):
+            found = ", ".join(sorted(os.listdir(self.path))[:4])
+            raise CorruptionError(
+                current,
+                None,
+                f"RocksDB's CURRENT file is missing, but the database directory holds {found}"
+                "; refusing to open (RocksDB would start an empty database and delete these files)",
+            )
+        if readonly:
+            raise CorruptionError(self.path, None, "the RocksDB database is missing (no CURRENT file)")
+        os.makedirs(self.path, exist_ok=True)
 
     def _options(self) -> Options:
         table = BlockBasedOptions()
@@ -213,10 +240,12 @@ class RocksDBEngine(Engine):
             if problem is None and raw[2] != KIND_META:
                 problem = f"value kind {raw[2]}"
             if problem is not None:
-                raise CorruptionError(self.path, 0, f"meta record: {problem}")
+                raise CorruptionError(self.path, None, f"meta record: {problem}")
             state = json.loads(raw[4:-4])
             if state.get("format") != FORMAT:
-                raise CorruptionError(self.path, 0, f"meta format {state.get('format')}, expected {FORMAT}")
+                raise CorruptionError(
+                    self.path, None, f"meta format {state.get('format')}, expected {FORMAT}"
+                )
             self._meta_json = json.dumps(state["meta"])
             self._next_table_id = state["next_table_id"]
             for name, (table_id, row_bytes, count) in state["tables"].items():
@@ -275,7 +304,7 @@ class RocksDBEngine(Engine):
             j = bad[0]
             key = int(keys[live_at[j]])
             what = _value_problem(live[j], row_bytes, tombstone_ok=False) or "bad row header"
-            raise CorruptionError(self.path, key, f"table {table!r} key {key}: {what}")
+            raise CorruptionError(self.path, None, f"table {table!r} key {key}: {what}", table=table, key=key)
         rows[live_at] = framed[:, 4 : width - 4]
         found[live_at] = True
         return rows, found
@@ -300,14 +329,14 @@ class RocksDBEngine(Engine):
         try:  # an iterator stops at a damaged block as it does at the end; only its status tells them apart
             it.status()
         except Exception as exc:
-            raise CorruptionError(self.path, 0, f"RocksDB iterator: {exc}") from exc
+            raise CorruptionError(self.path, None, f"RocksDB iterator: {exc}") from exc
 
     def _multi_get(self, db: Rdict, db_keys: list[bytes]) -> list:
         try:
             return db[db_keys]
         except Exception as exc:  # rocksdict raises a bare Exception, with RocksDB's status as message
             if "Corruption" in str(exc):
-                raise CorruptionError(self.path, 0, f"RocksDB read: {exc}") from exc
+                raise CorruptionError(self.path, None, f"RocksDB read: {exc}") from exc
             raise
 
     def _staged_chunks(self, table_id: int) -> Iterator[tuple[list[bytes], list[bytes], list]]:
@@ -500,7 +529,11 @@ class RocksDBEngine(Engine):
                     continue
                 if zlib.crc32(value) != _CRC_RESIDUE or len(value) != row_bytes + _FRAME_BYTES:
                     key = int.from_bytes(data_key[5:], "big")
-                    raise CorruptionError(self.path, key, f"staged row of table id {table_id} key {key}")
+                    name = next((n for n, (i, _) in self._tables.items() if i == table_id), f"id {table_id}")
+                    what = (
+                        f"staged row of table {name!r} key {key}: {_value_problem(value, row_bytes, False)}"
+                    )
+                    raise CorruptionError(self.path, None, what, table=name, key=key)
                 batch.put(data_key, value)
                 delta += old is None
         return delta

@@ -6,6 +6,22 @@ slot in place, like FASTER's mutable region); the old slot is freed only once th
 committed. A checkpoint fsyncs the slot files, appends the changed (key, slot) pairs to each table's index
 log, and commits by replacing the manifest. After a crash, the manifest's index is exactly the last
 checkpoint and every slot it names still holds that checkpoint's bytes; slots written later are free space.
+
+Files, and when they are deleted. The manifest is the only root: a table's files are `t<id>.slab`,
+`t<id>.<gen>.snap` and `t<id>.<gen>.log`, and the manifest names, per table, its id and its current gen.
+A writable open of a directory without a manifest writes an empty one before anything else, so a store
+that has table files always has a manifest. Hence:
+- no manifest, but files named like table files: the manifest is lost, the store is damaged. Every open
+  (readonly or not) raises CorruptionError naming the missing MANIFEST and the files found; nothing is
+  deleted or created. A damaged manifest (bad magic, version, length or CRC-32) raises the same way.
+- a file the manifest names is missing (`.slab`, `.snap`, or a `.log` it commits bytes of): CorruptionError
+  naming the file; nothing is created in its place.
+- with a valid manifest, and only once every table it names has loaded, a writable open (and each checkpoint
+  after its commit) deletes exactly the files matching those patterns that the manifest does not name:
+  tables with id >= next_id (created after that checkpoint by a process that then died), ids below next_id
+  it does not name (their drop was committed: ids are never reused), and generations other than the
+  committed one of a named table (superseded, or begun by a checkpoint that never committed). Nothing the
+  manifest references, and no file of any other name, is ever deleted; readonly opens delete nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +37,7 @@ from ..faults import crash_point
 from . import index_log
 from .base import Engine
 from .key_index import KeyIndex, unique_keys
-from .manifest import read_manifest, write_manifest
+from .manifest import FILE_NAME, read_manifest, table_files, write_manifest
 from .slot_file import SlotFile
 
 _MIN_LOG_BYTES = 1 << 20
@@ -34,6 +50,8 @@ class _SlabTable:
         self.directory = directory
         self.tid = tid
         self.row_bytes = row_bytes
+        if state is not None and not os.path.exists(self._path("slab")):
+            raise CorruptionError(self._path("slab"), None, "slab file named by the manifest is missing")
         self.file = SlotFile(self._path("slab"), row_bytes, readonly)
         self.gen = state["gen"] if state else 0
         self.log_len = state["log_len"] if state else 0
@@ -171,6 +189,18 @@ class SlabEngine(Engine):
         os.makedirs(path, exist_ok=True)
         start = time.perf_counter()
         manifest = read_manifest(path)
+        if manifest is None:
+            found = table_files(path)
+            if found:
+                shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+                raise CorruptionError(
+                    os.path.join(path, FILE_NAME),
+                    None,
+                    f"the manifest is missing, but the directory holds table files ({shown}); refusing to "
+                    "open: restore MANIFEST from a backup, or delete the table files to start empty",
+                )
+            if not readonly:  # from here on this store's table files always have a manifest beside them
+                write_manifest(path, {"engine": self.name, "next_id": 0, "meta": None, "tables": {}})
         self._meta = manifest["meta"] if manifest else None
         self._next_id = manifest["next_id"] if manifest else 0
         self._tables: dict[str, _SlabTable] = {}
@@ -182,12 +212,14 @@ class SlabEngine(Engine):
         self.recovery_seconds = time.perf_counter() - start
 
     def _remove_orphans(self) -> None:
-        """Delete table files that no committed checkpoint names (written after it, or superseded)."""
-        keep = {"MANIFEST", "LOCK"}
+        """Delete the table files the valid manifest just read or committed does not name (module header).
+
+        Only called with such a manifest and with `_tables` exactly the tables it names."""
+        keep = set()
         for t in self._tables.values():
             keep |= t.files()
-        for f in os.listdir(self.path):
-            if f.startswith("t") and f.split(".")[-1] in ("slab", "snap", "log") and f not in keep:
+        for f in table_files(self.path):
+            if f not in keep:
                 os.remove(os.path.join(self.path, f))
 
     def _writable(self) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..durable_files import replace_atomically
 from ..engine import ENGINES, open_engine
+from ..engine.manifest import table_files
 from ..errors import (
     CorruptionError,
     InvalidArgumentError,
@@ -46,9 +47,26 @@ _STAT_KEYS = (
 WRITEBACK_MIN_BYTES, WRITEBACK_MAX_BYTES = 1 << 20, 64 << 20
 
 
+def engine_files(path: str) -> list[str]:
+    """Names in `path` that only an engine writes (slab MANIFEST and table files, the rocksdb directory)."""
+    return sorted({"MANIFEST", "rocksdb"}.intersection(os.listdir(path))) + table_files(path)
+
+
 def _check_marker(path: str, engine: str, create: bool) -> None:
-    """Each store directory names its engine, so opening it with another engine is an error, not data loss."""
+    """Each store directory names its engine, so opening it with another engine is an error, not data loss.
+
+    The marker is written before any engine file, so engine files without it mean it was lost: that is
+    damage (CorruptionError), not a new store to create over them."""
     marker = os.path.join(path, _MARKER)
+    if not os.path.exists(marker):
+        found = engine_files(path)
+        if found:
+            raise CorruptionError(
+                marker,
+                None,
+                f"the {_MARKER} marker is missing, but the directory holds engine files "
+                f"({', '.join(found[:4])}); refusing to open: restore it (JSON naming the engine)",
+            )
     if os.path.exists(marker):
         with open(marker, "rb") as f:
             raw = f.read()
@@ -382,8 +400,12 @@ class Store:
     def __enter__(self) -> Store:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Leaving a ``with`` block: as sqlite3's connection does, a clean exit commits (``close()``,
+        which checkpoints outstanding writes) and an exception, KeyboardInterrupt included, closes without
+        checkpointing (``close(checkpoint=False)``): the last checkpoint stays as it was, so rows updated
+        past a dense model's checkpoint are not committed without it."""
+        self.close(checkpoint=exc_type is None)
 
     def __repr__(self) -> str:
         state = "open" if self._open else "closed"
@@ -391,7 +413,17 @@ class Store:
 
 
 def open_store(path: str | os.PathLike, **kwargs) -> Store:
-    """Open (or create) the store at `path`. See Store for the arguments."""
+    """Open (or create) the store at `path`. See Store for the arguments.
+
+    As a context manager (``with mlkv.open(path) as store:``) the store closes when the block ends: a clean
+    exit checkpoints outstanding writes, like ``close()``; an exception (KeyboardInterrupt included) closes
+    without checkpointing, so reopening gives the last checkpoint taken before it.
+
+    Raises:
+        CorruptionError: the directory is damaged; it names what is missing or failed its check (a lost
+            MANIFEST or MLKV marker beside table files, a missing file the manifest names). Opening never
+            deletes a file the last checkpoint references, and never any file without a valid manifest.
+    """
     return Store(path, **kwargs)
 
 

@@ -128,6 +128,12 @@ def _shared_flags(p: argparse.ArgumentParser, dataset: str, datasets: tuple, d: 
     p.add_argument("--engine", choices=ENGINES, default="slab", help="storage engine (default slab)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --path")
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete this workload's tables and checkpoints in --path and start again (without it, or "
+        "--resume, a --path that holds a run is refused and left unchanged)",
+    )
+    p.add_argument(
         "--checkpoint-every",
         type=int,
         default=0,
@@ -222,8 +228,8 @@ def config_from_args(args: argparse.Namespace, log=None):
     return TrainConfig(
         path=args.path, epochs=args.epochs, seed=args.seed, cache_bytes=args.cache_bytes,
         staleness_bound=args.staleness_bound, lookahead=args.lookahead, engine=args.engine,
-        resume=args.resume, dense_lr=args.dense_lr, checkpoint_every=args.checkpoint_every,
-        distributed=args.distributed, dist_timeout=args.dist_timeout,
+        resume=args.resume, overwrite=args.overwrite, dense_lr=args.dense_lr,
+        checkpoint_every=args.checkpoint_every, distributed=args.distributed, dist_timeout=args.dist_timeout,
         threads=args.threads, max_steps=args.max_steps, progress=args.progress, log=log,
     )  # fmt: skip
 

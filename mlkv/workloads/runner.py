@@ -48,7 +48,8 @@ class TrainConfig:
     staleness_bound: int = 0
     lookahead: int = 8  # batches the Prefetcher runs ahead; 0 reads the loader directly
     engine: str = "slab"
-    resume: bool = False
+    resume: bool = False  # continue the run whose last checkpoint is in `path`
+    overwrite: bool = False  # delete this workload's tables and dense checkpoints in `path`, start again
     dense_lr: float = 1e-3
     checkpoint_every: int = 0  # steps; 0: only at the end of each epoch
     threads: int = 1
@@ -90,12 +91,25 @@ def _open_store(workload: Workload, cfg: TrainConfig, path: str) -> mlkv.Store:
         staleness_bound=cfg.staleness_bound,
         create=not cfg.resume,
     )
-    if not cfg.resume:  # a fresh run: forget this workload's tables and dense checkpoints from earlier runs
-        names = set(workload.tables())
-        for name in store.tables():
-            if name in names:
+    if cfg.resume:
+        return store
+    try:  # a fresh run: an earlier run of this workload is replaced only when asked (`overwrite`)
+        earlier = sorted(set(workload.tables()).intersection(store.tables()))
+        dense = dense_dir(workload, store.path)
+        if earlier or os.path.exists(dense):
+            if not cfg.overwrite:
+                what = f"tables {', '.join(earlier)}" if earlier else f"dense checkpoints in {dense}"
+                raise MlkvError(
+                    f"{path} already holds a {workload.name} run ({what}); nothing was changed. Pass "
+                    "--resume to continue it from its last checkpoint, or --overwrite to delete it and start "
+                    "again (Python: TrainConfig(resume=True) or TrainConfig(overwrite=True))"
+                )
+            for name in earlier:
                 store.drop_table(name)
-        shutil.rmtree(dense_dir(workload, store.path), ignore_errors=True)
+            shutil.rmtree(dense, ignore_errors=True)
+    except BaseException:
+        store.close(checkpoint=False)
+        raise
     return store
 
 
@@ -199,6 +213,8 @@ def train(workload: Workload, cfg: TrainConfig, backend: str = "mlkv") -> dict[s
         raise ValueError(f"backend must be 'mlkv' or 'torch', got {backend!r}")
     if cfg.resume and (cfg.path is None or cfg.engine == "memory"):
         raise MlkvError("--resume needs --path of an on-disk store (engine slab or rocksdb)")
+    if cfg.resume and cfg.overwrite:
+        raise MlkvError("--resume and --overwrite contradict each other: continue the run, or replace it")
     make_deterministic(cfg.seed, cfg.threads)
     specs = workload.tables()
     leave_group = False
@@ -234,8 +250,8 @@ def train(workload: Workload, cfg: TrainConfig, backend: str = "mlkv") -> dict[s
             report.update(rank=store.rank, world_size=store.world_size)
         return report
     finally:
-        if store is not None:
-            store.close()
+        if store is not None:  # what should last is checkpointed with its dense state (_Run._checkpoint)
+            store.close(checkpoint=False)
         if cfg.path is None:
             shutil.rmtree(path, ignore_errors=True)
         if leave_group:

@@ -20,6 +20,7 @@ import mlkv
 
 from .engine import ENGINES
 from .errors import CorruptionError, MlkvError, StoreLockedError
+from .store.store import engine_files
 
 _MARKER = "MLKV"  # the JSON file in which every on-disk store names its engine
 
@@ -40,6 +41,11 @@ def store_engine(path: str) -> str:
         with open(marker) as f:
             found = json.load(f)
     except FileNotFoundError:
+        found = engine_files(path)
+        if found:  # the marker is written before any engine file: it was lost
+            raise CorruptionError(
+                marker, None, f"missing, but the directory holds engine files ({', '.join(found[:4])})"
+            ) from None
         raise UsageError(f"{path} is not an mlkv store (it has no {_MARKER} file)") from None
     except ValueError as e:
         raise CorruptionError(marker, 0, f"not valid JSON: {e}") from None
@@ -154,6 +160,22 @@ def _columns(rows: list[list[str]]) -> list[str]:
     return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
+_META_WIDTH = 100  # characters of one metadata value shown before it is cut (--json shows everything)
+
+
+def _metadata_lines(meta) -> list[str]:
+    """The checkpoint's user metadata, one top-level key per line, values as compact JSON cut to a line."""
+    if not isinstance(meta, dict) or not meta:
+        return [f"metadata    {json.dumps(meta)}"]
+    lines = []
+    for i, (key, value) in enumerate(meta.items()):
+        text = json.dumps(value)
+        if len(text) > _META_WIDTH:
+            text = f"{text[:_META_WIDTH]}... ({len(text):,} characters; --json shows all)"
+        lines.append(f"{'metadata' if i == 0 else '':<12}{key}: {text}")
+    return lines
+
+
 def format_info(info: dict) -> str:
     lines = [f"store       {info['path']}", f"engine      {info['engine']}"]
     if info["in_use_by_pid"] is not None:
@@ -172,7 +194,8 @@ def format_info(info: dict) -> str:
         if ck["time"] is not None:
             stamp = datetime.datetime.fromtimestamp(ck["time"], tz=datetime.timezone.utc)
             when = f" at {stamp:%Y-%m-%d %H:%M:%S} UTC"
-        lines.append(f"checkpoint  {ck['id']}{when}, metadata {json.dumps(ck['metadata'])}")
+        lines.append(f"checkpoint  {ck['id']}{when}")
+        lines += _metadata_lines(ck["metadata"])
     lines.append(f"tables      {len(info['tables'])}")
     if info["tables"]:
         rows = [["name", "dim", "dtype", "optimizer", "rows", "step"]]
@@ -198,9 +221,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # ---- check ----------------------------------------------------------------------------------------------
 def cmd_check(args: argparse.Namespace) -> int:
-    engine = store_engine(args.path)
-    tables, rows = [], 0
+    """Exit 0: sound; 1: damaged, including a store that cannot be opened for damage (report on stdout);
+    2: not a store, in use, or a usage error (one line on stderr)."""
+    engine, tables, rows = None, [], 0
     try:
+        engine = store_engine(args.path)
         with mlkv.open(args.path, readonly=True, create=False, engine=engine) as store:
             tables = store.tables()
             rows = sum(len(store.table(name)) for name in tables)
@@ -222,6 +247,19 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 # ---- export ---------------------------------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
+    from .store.export import EXPORT_FORMATS, export_format
+
+    try:
+        fmt = export_format(args.out)
+    except ValueError:
+        raise UsageError(
+            f"cannot tell the format of {args.out}: OUT must end in {', '.join(EXPORT_FORMATS)}"
+        ) from None
+    if args.format is not None and args.format != fmt:
+        raise UsageError(
+            f"--format {args.format} disagrees with OUT {args.out} (a {fmt} file by its suffix); "
+            f"the suffix decides: name the file {os.path.splitext(args.out)[0]}.{args.format}"
+        )
     with open_readonly(args.path) as store:
         table = store.table(args.table)
         print(f"exporting table {args.table!r} of {args.path} to {args.out} ...", file=sys.stderr)
@@ -266,10 +304,22 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print machine-readable JSON")
     check.set_defaults(func=cmd_check)
 
-    export = sub.add_parser("export", help="write a table's keys and weights to a .safetensors file")
+    export = sub.add_parser(
+        "export",
+        help="write a table's keys and weights, sorted by key, to a .safetensors, .npy or .pt file",
+        description="Write a table's keys (int64) and embeddings (float32, one row per key), sorted by key. "
+        "OUT's suffix picks the format: .safetensors (tensors 'keys' and 'weights'), .npy (OUT.npy holds "
+        "the weights, OUT.keys.npy the keys; plain numpy loads both), .pt (torch.save of "
+        "{'keys': ..., 'weights': ...}). Row i of the weights is the embedding of keys[i].",
+    )
     export.add_argument("path", metavar="PATH", help="store directory")
     export.add_argument("table", metavar="TABLE", help="table name")
-    export.add_argument("out", metavar="OUT.safetensors", help="output file (keys int64, weights float32)")
+    export.add_argument("out", metavar="OUT", help="output file: OUT.safetensors, OUT.npy or OUT.pt")
+    export.add_argument(
+        "--format",
+        choices=("safetensors", "npy", "pt"),
+        help="the format OUT's suffix must name (a check: the suffix decides; a mismatch is an error)",
+    )
     export.add_argument("--json", action="store_true", help="print machine-readable JSON")
     export.set_defaults(func=cmd_export)
 
@@ -329,7 +379,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         return _missing(parser)
     try:
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()  # inside the try: a reader that went away is reported here, not at exit
+        return rc
+    except BrokenPipeError:  # `mlkv ... | head`: the reader has all it wants; stop quietly, as `cat` does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+        os.close(devnull)
+        return 141  # 128 + SIGPIPE, what a shell reports for a command stopped by a closed pipe
     except CorruptionError as e:
         print(f"mlkv {args.command}: damaged store: {e} (run `mlkv check`)", file=sys.stderr)
         return 1

@@ -24,15 +24,37 @@ KGE_MODELS = ("distmult", "complex", "transe")
 
 def _dlrm_flags(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument_group("dlrm options")
-    p.add_argument("--data", metavar="FILE", help="Criteo-format training file (default: synthetic data)")
     p.add_argument(
-        "--test-data", metavar="FILE", help="Criteo-format test file (default: the tail of --data)"
+        "--data",
+        metavar="FILE",
+        nargs="+",
+        help="Criteo-format training files, plain or .gz, or glob patterns (matches in natural order: "
+        "day_2 before day_10), streamed in this order (default: synthetic data)",
+    )
+    p.add_argument(
+        "--test-data",
+        metavar="FILE",
+        nargs="+",
+        help="Criteo-format test files (default: the last of several --data files, else the tail of the "
+        "single plain --data file)",
     )
     p.add_argument(
         "--test-fraction",
         type=float,
         default=0.1,
-        help="share of --data's bytes held out for testing without --test-data (default 0.1)",
+        help="share of a single plain --data file's bytes held out for testing (default 0.1)",
+    )
+    p.add_argument(
+        "--data-workers",
+        type=int,
+        default=1,
+        help="processes parsing the data besides one reading it; 0: parse in the training process "
+        "(default 1)",
+    )
+    p.add_argument(
+        "--parse-only",
+        action="store_true",
+        help="only read and parse the training data and report lines/s (no training)",
     )
     p.add_argument("--max-samples", type=int, help="train on at most this many samples per epoch")
     p.add_argument("--max-test-samples", type=int, help="evaluate on at most this many samples")
@@ -215,6 +237,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError("--staleness-bound, --lookahead and --checkpoint-every must be >= 0")
     if args.workload == "dlrm" and args.dataset == "criteo" and not args.data:
         raise ValueError("--dataset criteo needs --data FILE (a Criteo Kaggle/Terabyte file)")
+    if getattr(args, "data_workers", 0) < 0:
+        raise ValueError(f"--data-workers must be >= 0, got {args.data_workers}")
 
 
 def make_workload(args: argparse.Namespace):
@@ -275,6 +299,15 @@ def _headline_metrics(report: dict[str, Any]) -> tuple[str, ...]:
     return tuple(m for m in ("auc", "logloss", "mrr", "hits@1", "hits@3", "hits@10") if m in report)
 
 
+def _parse_only(workload, args: argparse.Namespace, log) -> int:
+    r = workload.parse_only()
+    print(f"parsed {r['lines']:,} lines in {r['seconds']:.2f} s: {r['lines_per_s']:,.0f} lines/s "
+          f"({r['workers']} parser process(es))", file=log)  # fmt: skip
+    if args.json:
+        print(json.dumps(r))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .runner import train
 
@@ -284,6 +317,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if follower:
         args.progress = False
     workload = make_workload(args)
+    if getattr(args, "parse_only", False):
+        return _parse_only(workload, args, log)
     cfg = config_from_args(args, log)
     report = train(workload, cfg, backend="mlkv")
     if follower:

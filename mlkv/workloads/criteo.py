@@ -13,7 +13,7 @@ Synthetic files come from `criteo_synth`.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -189,10 +189,20 @@ def read_batches(
     path: str, batch_size: int, start: int = 0, stop: int | None = None, max_samples: int | None = None
 ) -> Iterator[CriteoBatch]:
     """Batches of `batch_size` samples (the last may be smaller) from bytes [start, stop) of `path`."""
+    return rebatch(read_chunks(path, start, stop), batch_size, max_samples)
+
+
+def rebatch(
+    chunks: Iterable[CriteoBatch], batch_size: int, max_samples: int | None = None
+) -> Iterator[CriteoBatch]:
+    """Cut parsed chunks into batches of `batch_size` (the last may be smaller), stopping after exactly
+    `max_samples` samples (None: all). Holds at most one chunk and one batch at a time."""
     pending: list[CriteoBatch] = []
     have = 0
     left = max_samples if max_samples is not None else -1
-    for chunk in read_chunks(path, start, stop):
+    if left == 0:
+        return
+    for chunk in chunks:
         if left >= 0:
             chunk = chunk[:left]
             left -= len(chunk)
@@ -277,4 +287,5 @@ __all__ = [
     "parse_lines",
     "read_batches",
     "read_chunks",
+    "rebatch",
 ]

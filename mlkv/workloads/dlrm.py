@@ -5,15 +5,16 @@ categorical columns has its own table (`dlrm.C1`..`dlrm.C26`, key = the parsed 3
 seen get a fresh row: full hashing, no vocabulary); the pairwise dot products of those 27 vectors and the
 bottom output feed a top MLP that gives the click logit. Loss: binary cross-entropy; metrics: AUC, log loss.
 
-Data: `--data FILE` (Criteo Kaggle `train.txt`, a Terabyte `day_N`, anything in that format) with
-`--test-data FILE` or, by default, the last `--test-fraction` of FILE's bytes held out; without `--data`
-a synthetic Criteo dataset (see criteo_synth) is generated once and cached.
+Data: `--data FILE...` (Criteo Kaggle `train.txt`, Terabyte `day_N`, anything in that format; plain or
+gzip; several files or glob patterns, read in order) streamed by `criteo_stream` (reading and parsing in
+`--data-workers` processes, bounded memory). Test data: `--test-data FILE...`; else, with several files,
+the last one; else the last `--test-fraction` of the single plain file's bytes (a single gzip file needs
+`--test-data`). Without `--data` a synthetic Criteo dataset (see criteo_synth) is generated once and cached.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -23,8 +24,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import criteo, criteo_synth
+from . import criteo_stream, criteo_synth
 from .criteo import CAT_COLUMNS, N_CAT, N_DENSE, CriteoBatch
+from .criteo_stream import CriteoStream, Span
 from .metrics import log_loss, roc_auc
 from .tables import TableSpec
 from .workload import Batch, Workload
@@ -62,6 +64,7 @@ class DLRM(nn.Module):
 
 
 def to_batch(b: CriteoBatch) -> Batch:
+    """Model inputs: dense = log(1 + max(x, 0)) as float32 (missing and negative counts give 0)."""
     dense = np.log1p(np.maximum(b.dense, 0).astype(np.float32))
     return {
         "dense": torch.from_numpy(dense),
@@ -82,6 +85,7 @@ class DLRMWorkload(Workload):
         self.lr = args.lr
         self.max_samples = args.max_samples
         self.max_test_samples = args.max_test_samples
+        self.data_workers = args.data_workers
         self.facts: dict[str, Any] = {}
         if args.data:
             self._use_files(args)
@@ -90,21 +94,26 @@ class DLRMWorkload(Workload):
         self._vocabulary: list[np.ndarray] | None = None
 
     def _use_files(self, args) -> None:
-        for f in (args.data, args.test_data):
-            if f and not os.path.isfile(f):
-                raise FileNotFoundError(f"no such Criteo file: {f}")
-        size = os.path.getsize(args.data)
-        self.train_range = (args.data, 0, size)
-        if args.test_data:
-            self.test_range = (args.test_data, 0, os.path.getsize(args.test_data))
+        files = criteo_stream.expand_paths(args.data)
+        test_files = criteo_stream.expand_paths(args.test_data) if args.test_data else []
+        if test_files:
+            self.train_spans = [Span(f) for f in files]
+            self.test_spans = [Span(f) for f in test_files]
+        elif len(files) > 1:  # several files (days): the last one is the test data
+            self.train_spans, self.test_spans = [Span(f) for f in files[:-1]], [Span(files[-1])]
         else:
             if not 0 < args.test_fraction < 1:
                 raise ValueError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
-            cut = criteo.line_start_at_or_after(args.data, int(size * (1 - args.test_fraction)))
-            self.train_range = (args.data, 0, cut)
-            self.test_range = (args.data, cut, size)
+            head, tail = criteo_stream.tail_split(files[0], args.test_fraction)
+            self.train_spans, self.test_spans = [head], [tail]
         self.n_train = args.max_samples  # unknown until read, unless capped
-        self.facts = {"dataset": "criteo", "train_file": args.data, "test_file": self.test_range[0]}
+        train_files = list(dict.fromkeys(s.path for s in self.train_spans))
+        test_names = [s.path for s in self.test_spans]
+        self.facts = {
+            "dataset": "criteo",
+            "train_file": train_files[0] if len(train_files) == 1 else train_files,
+            "test_file": test_names[0] if len(test_names) == 1 else test_names,
+        }
 
     def _use_synthetic(self, args) -> None:
         spec = criteo_synth.SynthSpec(scale=args.scale, zipf=args.zipf)
@@ -120,8 +129,7 @@ class DLRMWorkload(Workload):
             train, test, meta = criteo_synth.ensure_dataset(
                 data_dir, args.samples, args.test_samples, spec, progress=bar.update
             )
-        self.train_range = (train, 0, os.path.getsize(train))
-        self.test_range = (test, 0, os.path.getsize(test))
+        self.train_spans, self.test_spans = [Span(train)], [Span(test)]
         self.n_train = min(args.samples, args.max_samples or args.samples)
         self.facts = {
             "dataset": "criteo-synthetic",
@@ -133,12 +141,19 @@ class DLRMWorkload(Workload):
         }
 
     # ---- data -------------------------------------------------------------------------------------------
-    def _read(self, rng: tuple[str, int, int], batch_size: int, limit: int | None) -> Iterator[CriteoBatch]:
-        path, start, stop = rng
-        return criteo.read_batches(path, batch_size, start, stop, max_samples=limit)
+    def _read(self, spans: list[Span], batch_size: int, limit: int | None) -> Iterator[CriteoBatch]:
+        # the stream's processes end when this generator ends or is closed or dropped (e.g. --max-steps)
+        with CriteoStream(spans, batch_size, max_samples=limit, workers=self.data_workers) as stream:
+            yield from stream
 
     def batches(self, epoch: int) -> Iterator[Batch]:
-        return (to_batch(b) for b in self._read(self.train_range, self.batch_size, self.max_samples))
+        return (to_batch(b) for b in self._read(self.train_spans, self.batch_size, self.max_samples))
+
+    def parse_only(self) -> dict[str, Any]:
+        """Read and parse the training data as training would, without training: lines per second."""
+        return criteo_stream.measure_parse(
+            self.train_spans, self.data_workers, self.max_samples, self.batch_size
+        )
 
     def samples_per_epoch(self) -> int | None:
         return self.n_train
@@ -159,9 +174,9 @@ class DLRMWorkload(Workload):
         """Every key of `column` in the training and test data (the in-memory baseline needs them all)."""
         if self._vocabulary is None:
             seen: list[list[np.ndarray]] = [[] for _ in range(N_CAT)]
-            parts = [(self.train_range, self.max_samples), (self.test_range, self.max_test_samples)]
-            for rng, limit in parts:
-                for b in self._read(rng, 1 << 18, limit):
+            parts = [(self.train_spans, self.max_samples), (self.test_spans, self.max_test_samples)]
+            for spans, limit in parts:
+                for b in self._read(spans, 1 << 18, limit):
                     for c in range(N_CAT):
                         seen[c].append(np.unique(b.cats[:, c]))
             self._vocabulary = [np.unique(np.concatenate(s)) for s in seen]
@@ -183,7 +198,7 @@ class DLRMWorkload(Workload):
 
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
         labels, probs = [], []
-        for b in self._read(self.test_range, EVAL_BATCH, self.max_test_samples):
+        for b in self._read(self.test_spans, EVAL_BATCH, self.max_test_samples):
             batch = to_batch(b)
             probs.append(torch.sigmoid(model(batch["dense"], batch["cats"])).numpy())
             labels.append(b.labels)
@@ -194,4 +209,4 @@ class DLRMWorkload(Workload):
         return dict(self.facts)
 
     def identity(self) -> dict[str, Any]:
-        return {"workload": self.name, "train_file": self.train_range[0], "dim": self.dim}
+        return {"workload": self.name, "train_file": self.facts["train_file"], "dim": self.dim}

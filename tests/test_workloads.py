@@ -167,10 +167,10 @@ def test_in_memory_baseline_agrees_with_mlkv(workload, data_dir):
     assert base["backend"] == "torch" and "hit_rate" not in base
 
 
-def test_a_fresh_run_on_an_old_store_starts_over(tmp_path):
+def test_overwrite_on_an_old_store_starts_over(tmp_path):
     path = str(tmp_path / "s")
     first = run([*small("kge", ""), "--epochs", "1", "--path", path])
-    second = run([*small("kge", ""), "--epochs", "1", "--path", path])
+    second = run([*small("kge", ""), "--epochs", "1", "--path", path, "--overwrite"])
     assert second["final_loss"] == first["final_loss"]
 
 

@@ -1,5 +1,7 @@
 """Every error mlkv raises derives from MlkvError, and from the matching builtin where one fits."""
 
+import errno
+
 
 class MlkvError(Exception):
     """Base class of all mlkv errors."""
@@ -32,7 +34,8 @@ class StoreClosedError(MlkvError, RuntimeError):
 
 
 class ReadOnlyError(MlkvError, PermissionError):
-    """A write was attempted on a store opened with readonly=True."""
+    """A write was attempted on a store opened with readonly=True, or a writable open found the store's
+    directory not writable (a read-only file system, or no permission)."""
 
 
 class StalenessTimeout(MlkvError, TimeoutError):  # noqa: N818 - the public name in API.md
@@ -56,3 +59,36 @@ class UnknownTableError(MlkvError, KeyError):
 
 class PathNotFoundError(MlkvError, FileNotFoundError):
     """A file or directory the call needs does not exist (the message names it)."""
+
+
+class StorageError(MlkvError, OSError):
+    """The device under the store failed a write, reservation or fsync (base of the two kinds below).
+
+    An ``OSError`` whose ``errno`` says what happened and whose ``filename`` is the file being written.
+    After one, the store still serves reads and can be closed; the last completed checkpoint is intact on
+    disk, and reopening the store (after making room) continues from it. See docs/reliability.md."""
+
+    code = 0
+    #: True when the failed call was an fsync/msync: the kernel may then have dropped the unsynced pages,
+    #: so this process never checkpoints the store again (reopen it); otherwise a checkpoint may be retried
+    fsync_failed = False
+
+    def __init__(self, file: str, message: str):
+        super().__init__(self.code, message, file)
+        self.message = message
+
+    def __str__(self) -> str:  # OSError would print "[Errno 28] message: 'file'"
+        return self.message
+
+
+class StorageFullError(StorageError):
+    """The device holding the store is full (``errno.ENOSPC``); the message names the file and the bytes
+    that were wanted."""
+
+    code = errno.ENOSPC
+
+
+class StorageIOError(StorageError):
+    """The device reported an I/O error (``errno.EIO``) while the store wrote or synced a file."""
+
+    code = errno.EIO

@@ -5,16 +5,23 @@ A checkpoint appends one record with the (key, slot) pairs that changed since th
 snapshot, the next checkpoint writes a fresh snapshot instead (amortised O(changes)). Recovery loads the
 snapshot and replays the log up to the length the manifest committed: a sequential read at disk speed.
 Both files carry magic/version and CRC-32s over header and payload.
+
+Durability: each write ends with an fsync of the file; the directory entry of a new file is made durable by
+the manifest commit that follows (replace_atomically fsyncs the directory). A failed write (full disk: a
+StorageFullError; EIO: StorageIOError) leaves nothing the manifest commits changed: a snapshot is removed,
+and a log's partial record past the committed length is cut off (here, or by the next append).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import zlib
 
 import numpy as np
 
+from ..durable_files import pwrite_all, storage_errors
 from ..errors import CorruptionError
 from .key_index import unique_inverse
 
@@ -54,10 +61,27 @@ def _unpack(path: str, buf: memoryview, off: int, magic: bytes) -> tuple[int, np
 
 
 def write_snapshot(path: str, ckpt: int, keys: np.ndarray, slots: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        f.write(_pack(SNAP_MAGIC, ckpt, keys, slots))
-        f.flush()
-        os.fsync(f.fileno())
+    record = _pack(SNAP_MAGIC, ckpt, keys, slots)
+    try:
+        with storage_errors(path, "writing an index snapshot", len(record)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            with storage_errors(path, "writing an index snapshot", len(record)):
+                pwrite_all(fd, record, 0)
+            with storage_errors(path, "syncing an index snapshot", len(record), sync=True):
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):  # no manifest names it yet: free the space
+            os.remove(path)
+        raise
+
+
+def create_log(path: str) -> None:
+    """A new, empty index log (the first of a snapshot's generation)."""
+    with storage_errors(path, "creating an index log", 0):
+        open(path, "wb").close()
 
 
 def append_log(
@@ -68,15 +92,28 @@ def append_log(
     `committed`: the length the manifest committed. Anything past it is the record of a checkpoint that
     crashed (or failed) before its manifest commit; it is cut off first, or the next commit would cover it.
     """
-    with open(path, "ab") as f:
-        if committed is not None and f.tell() != committed:
-            if f.tell() < committed:
-                raise CorruptionError(path, f.tell(), f"log shorter than the committed {committed} bytes")
-            f.truncate(committed)
-        f.write(_pack(LOG_MAGIC, ckpt, keys, slots))
-        f.flush()
-        os.fsync(f.fileno())
-        return f.tell()
+    record = _pack(LOG_MAGIC, ckpt, keys, slots)
+    with storage_errors(path, "appending to an index log", len(record)):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        end = os.fstat(fd).st_size
+        if committed is not None and end != committed:
+            if end < committed:
+                raise CorruptionError(path, end, f"log shorter than the committed {committed} bytes")
+            os.ftruncate(fd, committed)
+            end = committed
+        try:
+            with storage_errors(path, "appending to an index log", len(record)):
+                pwrite_all(fd, record, end)
+        except BaseException:
+            with contextlib.suppress(OSError):  # free the space of the partial record now
+                os.ftruncate(fd, end)
+            raise
+        with storage_errors(path, "syncing an index log", len(record), sync=True):
+            os.fsync(fd)
+        return end + len(record)
+    finally:
+        os.close(fd)
 
 
 def load(snapshot: str | None, log: str | None, log_len: int) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import zlib
+from collections.abc import Callable
 
 from ..durable_files import replace_atomically
 from ..errors import CorruptionError
@@ -27,13 +28,17 @@ def table_files(directory: str) -> list[str]:
     return sorted(f for f in os.listdir(directory) if _TABLE_FILE.fullmatch(f))
 
 
-def write_manifest(directory: str, body: dict) -> None:
+def write_manifest(directory: str, body: dict, after_rename: Callable[[], None] | None = None) -> None:
+    """Replace the manifest atomically (durable_files.replace_atomically; `after_rename` runs once the new
+    one is in place). A failure before the rename (StorageFullError...) leaves the old manifest as it was."""
     data = json.dumps(body, sort_keys=True).encode()
     header = f"{MAGIC} {VERSION} {zlib.crc32(data):08x} {len(data)}\n".encode()
     replace_atomically(
         os.path.join(directory, FILE_NAME),
         lambda f: f.write(header + data),
         before_rename=lambda: crash_point("manifest:before_rename"),
+        after_rename=after_rename,
+        size=len(header) + len(data),
     )
 
 

@@ -104,10 +104,16 @@ class MemoryEngine(Engine):
         return len(self._tables[table].index)
 
     def scan(self, table: str, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The keys live at the first batch, each read at the slot it has when its batch is read (a delete
+        between batches frees a slot that a write may give to another key); keys deleted meanwhile are
+        skipped, keys added meanwhile are not yielded."""
         t = self._tables[table]
-        keys, slots = t.index.items()
+        keys, _ = t.index.items()
         for i in range(0, len(keys), batch_size):
-            yield keys[i : i + batch_size], t.rows[slots[i : i + batch_size]]
+            k = keys[i : i + batch_size]
+            slots = t.index.lookup(k)
+            live = slots >= 0
+            yield k[live], t.rows[slots[live]]
 
     def checkpoint(self, meta: dict) -> None:
         self._writable()

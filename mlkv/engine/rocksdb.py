@@ -66,7 +66,14 @@ from rocksdict import (
 )
 
 from ..durable_files import drop_from_page_cache
-from ..errors import CorruptionError, ReadOnlyError, SchemaError, StoreClosedError
+from ..errors import (
+    CorruptionError,
+    ReadOnlyError,
+    SchemaError,
+    StorageFullError,
+    StorageIOError,
+    StoreClosedError,
+)
 from ..faults import crash_point
 from .base import Engine
 from .key_index import KeyIndex
@@ -108,6 +115,21 @@ def _frame_rows(rows: np.ndarray) -> list[bytes]:
     buf[:, width - 4 :] = np.array(crcs, dtype="<u4").view(np.uint8).reshape(n, 4)
     raw = buf.tobytes()
     return [raw[o : o + width] for o in range(0, n * width, width)]
+
+
+def _storage_failure(exc: Exception, path: str, doing: str, wanted: int | None = None) -> Exception:
+    """The mlkv error for a rocksdict exception raised while `doing`: RocksDB reports a full or failing
+    device as a bare Exception whose message is its status ("IO error: No space left on device: While
+    appending to file: ..."), mapped to StorageFullError / StorageIOError; anything else is returned as is."""
+    msg = str(exc)
+    amount = "an unknown number of" if wanted is None else str(wanted)
+    if "No space left on device" in msg or "Disk quota exceeded" in msg:
+        return StorageFullError(
+            path, f"{path}: no space left on device while {doing} ({amount} bytes): {msg}"
+        )
+    if msg.startswith("IO error"):
+        return StorageIOError(path, f"{path}: I/O error while {doing}: {msg}")
+    return exc
 
 
 def _prefix(space: bytes, table_id: int) -> bytes:
@@ -182,7 +204,13 @@ class RocksDBEngine(Engine):
         self._check_database(readonly)
         self._block_cache = Cache(_BLOCK_CACHE_BYTES)
         access = AccessType.read_only() if readonly else AccessType.read_write()
-        self._db: Rdict | None = Rdict(self.path, self._options(), access_type=access)
+        try:
+            self._db: Rdict | None = Rdict(self.path, self._options(), access_type=access)
+        except Exception as exc:  # rocksdict raises a bare Exception, with RocksDB's status as message
+            failure = _storage_failure(exc, self.path, "opening (RocksDB replays its log into a table)")
+            if failure is exc:
+                raise
+            raise failure from exc
         self._stage_opts = WriteOptions()
         self._stage_opts.disable_wal = True
         self._commit_opts = WriteOptions()
@@ -418,7 +446,14 @@ class RocksDBEngine(Engine):
             batch = WriteBatch(raw_mode=True)
             for key, value in zip(_encode_keys(_STAGE, table_id, keys), values, strict=True):
                 batch.put(key, value)
-            db.write(batch, self._stage_opts)
+            try:
+                db.write(batch, self._stage_opts)
+            except Exception as exc:  # the batch is atomic: on failure nothing was staged
+                wanted = sum(len(v) for v in values) + _KEY_BYTES * len(values)
+                failure = _storage_failure(exc, self.path, "staging rows", wanted)
+                if failure is exc:
+                    raise
+                raise failure from exc
             self._staged.setdefault(table_id, KeyIndex()).assign(keys, np.full(len(keys), state))
             self._count_cache.pop(table_id, None)
 
@@ -507,7 +542,13 @@ class RocksDBEngine(Engine):
             }
             batch.put(_META_KEY, _frame(KIND_META, json.dumps(state).encode()))
             crash_point("rocksdb:before_commit")
-            db.write(batch, self._commit_opts)
+            try:
+                db.write(batch, self._commit_opts)
+            except Exception as exc:  # RocksDB then refuses writes itself until reopened
+                failure = _storage_failure(exc, self.path, "committing a checkpoint")
+                if failure is exc:
+                    raise
+                raise failure from exc
             crash_point("rocksdb:after_commit")
             self._meta_json = meta_json
             self._committed_tables = dict(self._tables)
@@ -617,4 +658,10 @@ class RocksDBEngine(Engine):
             if self._db is None:
                 return
             db, self._db = self._db, None
-            db.close()
+            try:
+                db.close()
+            except Exception as exc:
+                # a memtable flush that meets a full disk loses nothing a reopen needs: committed batches
+                # are in the synced WAL, and staged rows are discarded at open anyway
+                if _storage_failure(exc, self.path, "closing") is exc:
+                    raise

@@ -32,7 +32,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..errors import CorruptionError, ReadOnlyError
+from ..durable_files import storage_errors
+from ..errors import CorruptionError, MlkvError, ReadOnlyError, StorageError, StorageFullError
 from ..faults import crash_point
 from . import index_log
 from .base import Engine
@@ -63,6 +64,7 @@ class _SlabTable:
             raise CorruptionError(self._path(f"{self.gen}.log"), 0, "index names a slot past the table end")
         self.index = KeyIndex(len(keys))
         self.index.insert_new(keys, slots)
+        self.file.check_size(self.n_slots)  # a short file would SIGBUS on a mapped read
         self.file.ensure_capacity(self.n_slots)
         self.frozen = np.zeros(self.file.capacity, dtype=bool)
         self.frozen[slots] = True
@@ -92,17 +94,21 @@ class _SlabTable:
         return names
 
     def _allocate(self, n: int) -> np.ndarray:
+        """n free slots, reserved on the device. Reuses freed slots first (the most recently freed: a slot
+        a scan listed may come back under another key, see `scan`), then grows the file; a full device
+        raises StorageFullError before anything changed."""
         take = min(n, len(self.free))
+        if take < n:
+            self.file.ensure_capacity(self.n_slots + n - take)
+            if self.file.capacity > len(self.frozen):
+                grown = np.zeros(self.file.capacity, dtype=bool)
+                grown[: len(self.frozen)] = self.frozen
+                self.frozen = grown
         slots = self.free[len(self.free) - take :]
         self.free = self.free[: len(self.free) - take]
         if take < n:
             extra = np.arange(self.n_slots, self.n_slots + n - take, dtype=np.int64)
             self.n_slots += n - take
-            self.file.ensure_capacity(self.n_slots)
-            if self.file.capacity > len(self.frozen):
-                grown = np.zeros(self.file.capacity, dtype=bool)
-                grown[: len(self.frozen)] = self.frozen
-                self.frozen = grown
             slots = np.concatenate([slots, extra])
         return slots
 
@@ -111,10 +117,10 @@ class _SlabTable:
         exists = slots >= 0
         shadow = ~exists | self.frozen[np.where(exists, slots, 0)] & exists
         if shadow.any():
+            fresh = self._allocate(int(shadow.sum()))  # first: a full disk raises with nothing changed
             old = slots[shadow & exists]
             if len(old):
                 self.pending_free.append(old)
-            fresh = self._allocate(int(shadow.sum()))
             slots[shadow] = fresh
             self.index.assign(keys[shadow], fresh)
         self.file.write(keys, slots, rows)
@@ -133,7 +139,11 @@ class _SlabTable:
         return self.file.read(keys, slots), slots >= 0
 
     def checkpoint(self, ckpt: int) -> None:
-        """Make this table's epoch durable up to (not including) the manifest commit."""
+        """Make this table's epoch durable up to (not including) the manifest commit.
+
+        On a failure (StorageFullError...) the fields the manifest will record are either unchanged or
+        name complete, durable files (a record or snapshot past what the manifest commits), so a later
+        checkpoint can still commit: `changed` is kept, and its record supersedes every pair written here."""
         if not self.changed:
             return
         self.file.sync()
@@ -142,12 +152,10 @@ class _SlabTable:
         slots = self.index.lookup(keys)
         if self.log_len + 16 * len(keys) > max(16 * self.snapshot_pairs, _MIN_LOG_BYTES):
             live_k, live_s = self.index.items()
-            self.gen += 1
-            index_log.write_snapshot(self._path(f"{self.gen}.snap"), ckpt, live_k, live_s)
-            self.has_snapshot = True
-            self.snapshot_pairs = len(live_k)
-            self.log_len = 0
-            open(self._path(f"{self.gen}.log"), "wb").close()
+            gen = self.gen + 1
+            index_log.write_snapshot(self._path(f"{gen}.snap"), ckpt, live_k, live_s)
+            index_log.create_log(self._path(f"{gen}.log"))
+            self.gen, self.has_snapshot, self.snapshot_pairs, self.log_len = gen, True, len(live_k), 0
         else:
             log = self._path(f"{self.gen}.log")
             self.log_len = index_log.append_log(log, ckpt, keys, slots, committed=self.log_len)
@@ -172,12 +180,20 @@ class _SlabTable:
         return self.file.verify_slots(keys[order], slots[order])
 
     def scan(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The keys live at the first batch, in file order, each read at the slot it has when its batch is
+        read: between batches (the caller holds the engine lock per batch) a write may move a key to a
+        fresh slot and a delete may free its slot for another key, so a listed slot is not trusted. A key
+        deleted meanwhile is skipped; one inserted meanwhile is not yielded. Every key present for the whole
+        scan is yielded exactly once, with its row as of its batch."""
         keys, slots = self.index.items()
         order = np.argsort(slots)  # file order: a sequential read
-        keys, slots = keys[order], slots[order]
+        keys = keys[order]
         for i in range(0, len(keys), batch_size):
             k = keys[i : i + batch_size]
-            yield k, np.ascontiguousarray(self.file.read(k, slots[i : i + batch_size]))
+            s = self.index.lookup(k)
+            if (s < 0).any():
+                k, s = k[s >= 0], s[s >= 0]
+            yield k, np.ascontiguousarray(self.file.read(k, s))
 
 
 class SlabEngine(Engine):
@@ -207,6 +223,7 @@ class SlabEngine(Engine):
         for name, st in (manifest["tables"] if manifest else {}).items():
             self._tables[name] = _SlabTable(path, st["id"], st["row_bytes"], st, readonly)
         self._dropped: list[_SlabTable] = []
+        self._failed: OSError | None = None  # a checkpoint failure that rules out further checkpoints
         if not readonly:
             self._remove_orphans()
         self.recovery_seconds = time.perf_counter() - start
@@ -264,17 +281,37 @@ class SlabEngine(Engine):
         return self._tables[table].scan(batch_size)
 
     def checkpoint(self, meta: dict) -> None:
+        """Commit every write so far with `meta` (module header).
+
+        Raises StorageFullError / StorageIOError with the last checkpoint intact on disk and in force. A
+        full disk met while writing (not while syncing) may be retried once there is room; after any other
+        failure (an fsync failed: the kernel may have dropped unsynced pages) every later checkpoint of this
+        engine raises, and reopening the store continues from its last checkpoint."""
         self._writable()
+        if self._failed is not None:
+            f = self._failed
+            what = f"{self.path}: cannot checkpoint after an earlier failure ({f}); reopen the store"
+            raise type(f)(f.filename, what) if isinstance(f, StorageError) else MlkvError(what) from f
         ckpt = int(meta.get("checkpoint_id", 0))
-        for t in self._tables.values():
-            t.checkpoint(ckpt)
-        body = {
-            "engine": self.name,
-            "next_id": self._next_id,
-            "meta": meta,
-            "tables": {name: t.state() for name, t in self._tables.items()},
-        }
-        write_manifest(self.path, body)
+        try:
+            with storage_errors(self.path, "checkpointing"):
+                for t in self._tables.values():
+                    t.checkpoint(ckpt)
+                body = {
+                    "engine": self.name,
+                    "next_id": self._next_id,
+                    "meta": meta,
+                    "tables": {name: t.state() for name, t in self._tables.items()},
+                }
+                write_manifest(self.path, body, after_rename=lambda: self._committed(meta))
+        except OSError as e:
+            if not isinstance(e, StorageFullError) or e.fsync_failed:
+                self._failed = e
+            raise
+        self._remove_orphans()
+
+    def _committed(self, meta: dict) -> None:
+        """The new manifest is in place (its directory not yet synced): it is the state from now on."""
         crash_point("manifest:after_rename")
         self._meta = meta
         for t in self._tables.values():
@@ -282,7 +319,6 @@ class SlabEngine(Engine):
         for t in self._dropped:
             t.file.close()
         self._dropped.clear()
-        self._remove_orphans()
 
     def committed_meta(self) -> dict | None:
         return self._meta

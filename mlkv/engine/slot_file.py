@@ -6,7 +6,15 @@ prove the slot belongs to the key it was asked for; `check` is a 64-bit multiply
 computed over a whole batch in one compiled loop, and any single flipped bit or torn/zeroed slot fails it.
 Reads gather from the mapping and verify in that same loop (numba, `nogil`: an I/O thread reading rows does
 not hold up the trainer), so a row is touched once; writes are sorted by slot so dirty pages are touched in
-file order. Durability is the caller's: `sync()` fsyncs.
+file order. Durability is the caller's: `sync()` fsyncs (msync of the mapping).
+
+Full disk: the file grows sparse (ftruncate, so the mapping can grow by doubling), but a slot is written
+through the mapping only once its bytes are reserved on the device (`posix_fallocate` of the slots in use,
+in `ensure_capacity`): storing into an unreserved page of a full file system would kill the process with
+SIGBUS, while a failed reservation is a StorageFullError raised before anything changed. (Guaranteed where
+fallocate reserves blocks: ext4, xfs, tmpfs; not on copy-on-write file systems such as btrfs or ZFS.) A
+mapped read past the end of the file would SIGBUS too, so an open checks the file holds every slot the
+manifest names. Thread-safety: none; the engine's lock serialises writers against readers.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import zlib
 import numba
 import numpy as np
 
+from ..durable_files import storage_errors
 from ..errors import CorruptionError
 from .key_index import hash64
 from .prefetch import prefetch_at
@@ -29,6 +38,7 @@ VERSION = 1
 HEADER_BYTES = 4096
 _HEADER = struct.Struct("<8sIII")  # magic, version, row_bytes, slot_bytes; CRC-32 follows
 _MIN_SLOTS = 1 << 12
+_RESERVE_STEP = 1 << 20  # reservations are rounded up to this many bytes: one fallocate per MiB of growth
 
 _C1 = hash64(np.arange(1, 4097, dtype=np.uint64))
 _C2 = hash64(np.arange(5001, 9097, dtype=np.uint64)) | np.uint64(1)  # odd: every bit flip shows
@@ -100,19 +110,26 @@ class SlotFile:
         if not exists and readonly:
             raise FileNotFoundError(path)
         self.fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT, 0o644)
-        if exists:
-            self._check_header()
-        else:
-            self._write_header()
-        self._map()
+        try:
+            if exists:
+                self._check_header()
+            else:
+                self._write_header()
+            # bytes [0, reserved) are allocated on the device: the first hole (a file without one: its size)
+            self.reserved = os.lseek(self.fd, 0, os.SEEK_HOLE)
+            self._map()
+        except BaseException:
+            os.close(self.fd)
+            raise
 
     def _header_bytes(self) -> bytes:
         body = _HEADER.pack(MAGIC, VERSION, self.row_bytes, self.slot_bytes)
         return body + struct.pack("<I", zlib.crc32(body))
 
     def _write_header(self) -> None:
-        os.ftruncate(self.fd, HEADER_BYTES + _MIN_SLOTS * self.slot_bytes)
-        os.pwrite(self.fd, self._header_bytes(), 0)
+        with storage_errors(self.path, "creating the slab file", HEADER_BYTES):
+            os.ftruncate(self.fd, HEADER_BYTES + _MIN_SLOTS * self.slot_bytes)
+            os.pwrite(self.fd, self._header_bytes(), 0)
 
     def _check_header(self) -> None:
         raw = os.pread(self.fd, _HEADER.size + 4, 0)
@@ -137,14 +154,35 @@ class SlotFile:
         self.slots = np.frombuffer(self.mm, dtype=np.uint8, offset=HEADER_BYTES).reshape(-1, self.slot_bytes)
         self.words = self.slots.view(np.uint64)  # the same slots as uint64 words, for the kernels
 
+    def check_size(self, n_slots: int) -> None:
+        """CorruptionError unless the file holds `n_slots` slots (the manifest's count): a mapped read of a
+        slot past the end of the file would kill the process with SIGBUS."""
+        size = os.fstat(self.fd).st_size
+        if size < self.offset_of(n_slots):
+            raise CorruptionError(
+                self.path,
+                size,
+                f"file is {size} bytes, the manifest's {n_slots} slots need {self.offset_of(n_slots)}",
+            )
+
     def ensure_capacity(self, n_slots: int) -> None:
-        if n_slots <= self.capacity:
-            return
-        cap = max(self.capacity, _MIN_SLOTS)
-        while cap < n_slots:
-            cap *= 2
-        os.ftruncate(self.fd, HEADER_BYTES + cap * self.slot_bytes)
-        self._map()  # the old mapping is released once no array views it
+        """Make slots [0, n_slots) writable: grow the mapping, then reserve their bytes on the device.
+
+        Raises StorageFullError (nothing written, the slots in use unchanged) when the device is full."""
+        if n_slots > self.capacity:
+            cap = max(self.capacity, _MIN_SLOTS)
+            while cap < n_slots:
+                cap *= 2
+            with storage_errors(self.path, "growing the slab file", (cap - self.capacity) * self.slot_bytes):
+                os.ftruncate(self.fd, HEADER_BYTES + cap * self.slot_bytes)
+            self._map()  # the old mapping is released once no array views it
+        end = self.offset_of(n_slots)
+        if end > self.reserved and not self.readonly:
+            # rounded up (within the file) so that growing one slot at a time costs one call per MiB
+            stop = min(-(-end // _RESERVE_STEP) * _RESERVE_STEP, self.offset_of(self.capacity))
+            with storage_errors(self.path, f"reserving slots up to {n_slots}", stop - self.reserved):
+                os.posix_fallocate(self.fd, self.reserved, stop - self.reserved)
+            self.reserved = stop
 
     def offset_of(self, slot: int) -> int:
         return HEADER_BYTES + int(slot) * self.slot_bytes
@@ -166,7 +204,8 @@ class SlotFile:
         raise CorruptionError(self.path, self.offset_of(slots[i]), detail)
 
     def write(self, keys: np.ndarray, slots: np.ndarray, rows: np.ndarray) -> None:
-        """Write rows into distinct slots, in slot order."""
+        """Write rows into distinct slots, in slot order; every slot lies below an `ensure_capacity` (its
+        bytes are reserved: a store into the mapping cannot meet a full device)."""
         order = np.argsort(slots, kind="stable")
         keys, slots = keys[order], slots[order]
         records = np.zeros((len(keys), self.slot_bytes), dtype=np.uint8)
@@ -186,7 +225,8 @@ class SlotFile:
         return problems
 
     def sync(self) -> None:
-        self.mm.flush()
+        with storage_errors(self.path, "syncing the slab file", sync=True):
+            self.mm.flush()
 
     def drop_page_cache(self) -> None:
         self.mm.flush()

@@ -2,16 +2,19 @@
 
 flock locks belong to an open file description, so a second `open` in the same process conflicts just like
 another process does. The holder's pid is written into the file so the error can name it. The memory
-engine has no directory; its stores are locked in a process-wide table instead.
+engine has no directory; its stores are locked in a process-wide table instead. A readonly open of a store
+on a read-only file system takes no lock (no writer can exist there); a writable one there, or without
+write permission, raises ReadOnlyError.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import threading
 
-from ..errors import StoreLockedError
+from ..errors import ReadOnlyError, StoreLockedError
 
 _MEMORY_WRITERS: set[str] = set()
 _MEMORY_LOCK = threading.Lock()
@@ -32,7 +35,9 @@ class StoreLock:
                         )
                     _MEMORY_WRITERS.add(self.key)
             return
-        self.fd = os.open(os.path.join(path, "LOCK"), os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = self._open(path, readonly)
+        if self.fd < 0:
+            return
         try:
             fcntl.flock(self.fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -43,6 +48,34 @@ class StoreLock:
         if not readonly:
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    @staticmethod
+    def _open(path: str, readonly: bool) -> int:
+        """The LOCK file's descriptor; -1 for a readonly open on a read-only file system (no writer can
+        exist there, and the file cannot be created). A writer that cannot write the directory gets a
+        ReadOnlyError naming why."""
+        lock = os.path.join(path, "LOCK")
+        try:
+            return os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            if readonly and e.errno in (errno.EROFS, errno.EACCES):
+                try:
+                    return os.open(lock, os.O_RDONLY)  # a shared flock needs no write access
+                except FileNotFoundError:
+                    if e.errno == errno.EROFS:
+                        return -1
+                    raise e from None
+            if e.errno == errno.EROFS:
+                raise ReadOnlyError(
+                    f"cannot open {path} for writing: it is on a read-only file system "
+                    "(open it with readonly=True to read it)"
+                ) from e
+            if e.errno == errno.EACCES:
+                raise ReadOnlyError(
+                    f"cannot open {path} for writing: permission denied on {lock} "
+                    "(open it with readonly=True to read it)"
+                ) from e
+            raise
 
     def release(self) -> None:
         if not self.on_disk:

@@ -21,6 +21,7 @@ from ..errors import (
     CorruptionError,
     InvalidArgumentError,
     InvalidTypeError,
+    MlkvError,
     ReadOnlyError,
     SchemaError,
     StoreClosedError,
@@ -376,15 +377,30 @@ class Store:
         """Checkpoint outstanding writes (metadata None) and release the store. Idempotent.
 
         checkpoint=False releases without committing: reopening gives the last checkpoint (what a job that
-        failed midway wants, so that a resume starts from state it knows)."""
+        failed midway wants, so that a resume starts from state it knows).
+
+        After a storage failure (StorageFullError, StorageIOError) the store is released all the same and
+        the last checkpoint stays in force: a write-back failure skips the checkpoint (and is raised here
+        only if no earlier call raised it); a checkpoint that fails here is raised after the release."""
+        failed: BaseException | None = None
+        seen = False
         with self._lock:
             if not self._open:
                 return
             try:
                 while self._checkpointing:
                     self._cond.wait()
-                if checkpoint and not self.readonly and self._changed:
-                    self._checkpoint_locked(None)
+                if checkpoint and self._writeback.error is not None:
+                    seen = self._writeback.reported  # a failed write-back (full disk): no checkpoint
+                    try:
+                        self._writeback.raise_error()
+                    except MlkvError as e:
+                        failed = e
+                if checkpoint and not self.readonly and self._changed and failed is None:
+                    try:
+                        self._checkpoint_locked(None)
+                    except Exception as e:  # e.g. StorageFullError: release all the same, then raise it
+                        failed, seen = e, False
             finally:
                 self._open = False
                 self._cond.notify_all()
@@ -396,6 +412,8 @@ class Store:
                 self._engine.close()
         finally:
             self._file_lock.release()
+        if failed is not None and not seen:
+            raise failed
 
     def __enter__(self) -> Store:
         return self

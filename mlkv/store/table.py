@@ -342,6 +342,7 @@ class Table:
             return
         with st._lock:
             st._enter(self)
+            self._check_writeback(k, reader)
             uk, inv, _ = unique_inverse(k)
             summed = np.zeros((len(uk), self.dim), dtype=np.float32)
             _sum_by_inverse(inv, g, summed)
@@ -350,6 +351,14 @@ class Table:
             self.optimizer.apply(rows, summed, self.step)
             self._store_rows(uk, slots, rows)
             self._gate.resolve(uk, self._reader(reader))
+
+    def _check_writeback(self, keys: np.ndarray, reader: Hashable | None) -> None:
+        """A failed write-back (StorageFullError...) is raised at the next update/put/delete, which then
+        changes nothing; the reader's tracked reads of `keys` are given back first, so other readers do not
+        wait for an update that will not come. Store lock held."""
+        if self._store._writeback.error is not None:
+            self._gate.resolve(unique_keys(keys), self._reader(reader))
+            self._store._writeback.raise_error()
 
     def put(self, keys, values, reader: Hashable | None = None) -> None:
         """Overwrite embeddings (optimizer state is kept); for a key given twice the last value wins."""
@@ -361,6 +370,7 @@ class Table:
             return
         with st._lock:
             st._enter(self)
+            self._check_writeback(k, reader)
             uk, _, last = unique_inverse(k[::-1])
             slots, rows = self._gather(uk, True)
             rows[:, : self.dim] = v[::-1][last]
@@ -444,6 +454,7 @@ class Table:
         st._check_writable(self)
         with st._lock:
             st._enter(self)
+            self._check_writeback(k, reader)
             uk = unique_keys(k)
             self._wait_busy(uk)
             self._count -= int(self._exists(uk).sum())
@@ -493,7 +504,16 @@ class Table:
                 st._writeback.drain(self.name)
 
     def items(self, batch_size: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Every (keys, embeddings) of the table, in batches; flushes the tier first."""
+        """Every (keys, embeddings) of the table, in batches; flushes the tier first.
+
+        Reads the engine one batch at a time (its lock held per batch), so training may go on meanwhile:
+        every key present for the whole iteration is yielded exactly once, with its row as of its batch
+        (rows still in the memory tier are not seen); a key deleted or added meanwhile may be missing.
+
+        Raises:
+            InvalidArgumentError: `batch_size` is not a positive int.
+            StoreClosedError: the store was closed or the table dropped (also in the middle).
+            StorageFullError, StorageIOError: the flush found a failed write-back."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise InvalidArgumentError(f"batch_size must be a positive int, got {batch_size!r}")
         st = self._store
@@ -502,6 +522,7 @@ class Table:
             batches = st._engine.scan(self.name, batch_size)
         while True:
             with st._engine_lock.read():
+                st._check_open(self)  # under the engine lock: a close or drop cannot take the table now
                 batch = next(batches, None)
             if batch is None:
                 return

@@ -4,8 +4,14 @@ Eviction, flush, spilled rows and deletes append an operation to the queue and r
 has reached the engine it stays readable here (newest first), so a row evicted a moment ago is never read
 back stale from the engine. One writer thread applies operations in FIFO order, so the engine always ends
 with the newest version. The queue is bounded (`limit_bytes`): a row operation that starts while it is full
-waits (`throttle`), which is counted as stall time. A failed write (full disk) stops the queue and is raised
-by the next flush/checkpoint; nothing queued is dropped, and the store stays openable at its last checkpoint.
+waits (`throttle`), which is counted as stall time.
+
+A failed write (full disk: StorageFullError; I/O error: StorageIOError; anything else: MlkvError) stops the
+queue for good. Nothing queued is dropped: every op stays readable here, and later evictions still queue
+(so reads go on returning the newest rows), but none reaches the engine again. The failure is raised by the
+store's next `update`/`put`/`delete`/`flush`/`checkpoint` (`raise_error`), with the same errno; the store
+stays openable at its last checkpoint. `reported` records whether it has been raised to a caller yet (close
+raises it only if not).
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..durable_files import storage_error
 from ..engine.key_index import KeyIndex
-from ..errors import MlkvError
+from ..errors import MlkvError, StorageError
 
 ROW, DELETED = 1, 2
 
@@ -51,11 +58,11 @@ class WriteBack:
         self._count = 0
         self._pool: ThreadPoolExecutor | None = None
         self.error: BaseException | None = None
+        self.reported = False  # raise_error has raised `error` to a caller
 
     def submit(self, table: str, keys: np.ndarray, rows: np.ndarray | None, stats: dict) -> None:
         if len(keys) == 0:
             return
-        self.raise_error()
         op = PendingOp(table, keys, None if rows is None else np.ascontiguousarray(rows))
         self._ops.setdefault(table, []).append(op)
         self._bytes += op.nbytes
@@ -83,6 +90,8 @@ class WriteBack:
             self._apply(op)
         except BaseException as e:
             with self._cond:
+                if isinstance(e, OSError):  # the engine names the file; else the table at least
+                    e = storage_error(e, e.filename or f"table {op.table!r}", "writing back rows")
                 self.error = e
                 self._cond.notify_all()
             return
@@ -130,10 +139,19 @@ class WriteBack:
         self.raise_error()
 
     def raise_error(self) -> None:
-        if self.error is not None:
-            raise MlkvError(
-                f"background write-back failed, the store is at its last checkpoint: {self.error}"
-            ) from (self.error)
+        """Raise the failure that stopped the queue, if any: the same StorageError class (and errno) for a
+        failing device, else MlkvError."""
+        e = self.error
+        if e is None:
+            return
+        self.reported = True
+        what = (
+            f"background write-back failed ({e}); writes are refused from now on, reads still work, and "
+            "reopening the store continues from its last checkpoint"
+        )
+        if isinstance(e, StorageError):
+            raise type(e)(e.filename, what) from e
+        raise MlkvError(what) from e
 
     def forget(self, table: str) -> None:
         """Drop a dropped table's queued ops (their engine table is gone)."""

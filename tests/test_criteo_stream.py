@@ -231,6 +231,26 @@ def test_workers_end_when_the_loop_breaks_or_raises(three_files):
     assert gone(seen[-1])
 
 
+def test_workers_exit_by_themselves_when_the_training_process_is_killed(tmp_path):
+    path = write(tmp_path / "many.txt", make_lines(5, 3000))
+    code = (
+        "import os\n"
+        "from mlkv.workloads.criteo_stream import CriteoStream\n"
+        f"s = CriteoStream([{path!r}], 1, workers=2, chunk_bytes=1024)\n"
+        "it = iter(s)\n"
+        "next(it)\n"
+        "print(' '.join(str(p.pid) for p in s.processes), flush=True)\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    pids = [int(x) for x in done.stdout.split()]
+    assert done.returncode == -9 and len(pids) == 3, done.stderr[-2000:]
+    deadline = time.monotonic() + 10
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_running(pid) for pid in pids)
+
+
 # ---- bad input -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_malformed_line_is_an_error_naming_file_and_line(tmp_path, workers):

@@ -278,15 +278,16 @@ def _context():
     method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
     ctx = mp.get_context(method)
     if method == "forkserver":  # workers fork from a server that has imported this module: ~20 ms each
-        ctx.set_forkserver_preload([__name__])
+        ctx.set_forkserver_preload(["__main__", __name__])  # "__main__": the default preload, kept
     return ctx
 
 
 def _stop(processes: list, queues: list) -> None:
-    for p in processes:
+    started = [p for p in processes if p.pid is not None]
+    for p in started:
         if p.is_alive():
             p.terminate()
-    for p in processes:
+    for p in started:
         p.join(5.0)
         if p.is_alive():
             p.kill()

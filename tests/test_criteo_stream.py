@@ -144,6 +144,7 @@ def test_glob_patterns_expand_in_natural_order(tmp_path):
         *expected[1:2],
         expected[3],
     ]
+    assert expand_paths(str(tmp_path / "day_1*")) == expand_paths(tmp_path / "day_1.gz") + expected[3:]
     with pytest.raises(CriteoFileNotFound, match=r"no such Criteo file: .*nothing_\*") as e:
         expand_paths([str(tmp_path / "nothing_*")])
     assert isinstance(e.value, FileNotFoundError) and isinstance(e.value, MlkvError)

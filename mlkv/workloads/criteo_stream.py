@@ -86,15 +86,17 @@ def _natural(path: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
 
 
-def expand_paths(patterns: Sequence[str]) -> list[str]:
-    """Files named by `patterns`, in order: an existing path stands for itself, anything else is a glob
-    pattern whose matches are taken in natural order (numbers by value: day_2 before day_10).
+def expand_paths(patterns: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Files named by `patterns` (one or several), in order: an existing path stands for itself, anything
+    else is a glob pattern whose matches are taken in natural order (numbers by value: day_2 before day_10).
 
     Raises:
         CriteoFileNotFound: a pattern matches no file.
     """
+    if isinstance(patterns, (str, os.PathLike)):
+        patterns = [patterns]
     paths: list[str] = []
-    for pattern in patterns:
+    for pattern in map(os.fspath, patterns):
         if os.path.isfile(pattern):
             paths.append(pattern)
             continue

@@ -61,6 +61,10 @@ class PathNotFoundError(MlkvError, FileNotFoundError):
     """A file or directory the call needs does not exist (the message names it)."""
 
 
+class MissingDependencyError(MlkvError, ImportError):
+    """An optional package a feature needs is not installed (the message says what to install)."""
+
+
 class StorageError(MlkvError, OSError):
     """The device under the store failed a write, reservation or fsync (base of the two kinds below).
 

@@ -72,6 +72,9 @@ def test_missing_manifest_refuses_to_open_and_deletes_nothing(tmp_path, capsys):
     assert rc == 1 and "DAMAGED" in out and "MANIFEST" in out
     rc, out, _ = _check(capsys, path, "--json")
     assert rc == 1 and json.loads(out)["ok"] is False
+    assert main(["info", path]) == 1
+    _, err = capsys.readouterr()
+    assert "damaged" in err and "MANIFEST" in err and len(err.strip().splitlines()) == 1
     assert _files(path) == before
 
 
@@ -270,6 +273,7 @@ def test_train_twice_on_a_path_stops_and_changes_nothing(tmp_path, capsys):
     assert main([*KGE, "--path", str(tmp_path / "fresh"), "--json"]) == 0
     fresh = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert overwritten["final_loss"] == fresh["final_loss"]  # --overwrite started from scratch
+    assert len(os.listdir(os.path.join(path, "kge-dense"))) == 1  # the earlier run's dense files are gone
     assert main([*KGE, "--path", path, "--overwrite", "--resume"]) == 2
 
 

@@ -194,3 +194,96 @@ def test_bad_flags_are_clear_errors():
         cmd_train(PARSER.parse_args(["train", "gnn", "--layers", "1"]))
     with pytest.raises(FileNotFoundError, match="no such Criteo file"):
         cmd_train(PARSER.parse_args(["train", "dlrm", "--data", "/nonexistent/train.txt"]))
+
+
+# ---- the Python API, per-step logs, plots -----------------------------------------------------------------
+KGE_SMALL = {"dataset": "nations", "dim": 32, "negatives": 32, "batch_size": 256, "progress": False}
+
+
+def test_run_returns_what_json_prints(capsys):
+    import mlkv.workloads
+
+    report = mlkv.workloads.run("kge", epochs=1, max_steps=3, **KGE_SMALL)
+    argv = ["train", *small("kge", ""), "--epochs", "1", "--max-steps", "3", "--no-progress", "--json"]
+    assert cmd_train(PARSER.parse_args(argv)) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(report) == set(printed)
+    for key in ("final_loss", "mrr", "hits@10", "steps", "samples", "table_bytes", "cache_bytes"):
+        assert report[key] == printed[key], key  # same seed, same numbers
+
+
+def test_run_rejects_unknown_options_and_values_listing_the_valid_ones():
+    import mlkv.workloads
+    from mlkv.errors import InvalidArgumentError
+
+    with pytest.raises(
+        InvalidArgumentError, match=r"unknown option\(s\) epoch, lr_dense .*valid options: .*epochs"
+    ):
+        mlkv.workloads.run("kge", epoch=5, lr_dense=0.1)
+    with pytest.raises(InvalidArgumentError, match=r"dataset='fb15k' .*expected one of 'nations'"):
+        mlkv.workloads.run("kge", dataset="fb15k")
+    with pytest.raises(InvalidArgumentError, match="unknown workload 'bert'; workloads: dlrm, kge, gnn"):
+        mlkv.workloads.run("bert")
+    with pytest.raises(ValueError, match="--epochs must be >= 1"):
+        mlkv.workloads.run("kge", epochs=0)
+
+
+def test_kge_and_gnn_defaults_keep_the_tables_bigger_than_the_memory_tier():
+    kge = run([*small("kge", ""), "--epochs", "1", "--max-steps", "2"])
+    gnn = run([*small("gnn", ""), "--epochs", "1", "--max-steps", "1"])
+    for r in (kge, gnn):
+        assert r["cache_bytes"] < r["table_bytes"], r["workload"]  # the disk path is exercised
+        assert r["hit_rate"] < 1.0
+
+
+def test_log_dir_writes_one_json_line_per_step_and_epoch(tmp_path):
+    log_dir = tmp_path / "logs"
+    r = run([*small("kge", ""), "--epochs", "2", "--max-steps", "3", "--log-dir", str(log_dir)])
+    records = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in records if x["kind"] == "step"]
+    epochs = [x for x in records if x["kind"] == "epoch"]
+    assert [x["step"] for x in steps] == list(range(1, 7))
+    assert [x["epoch"] for x in steps] == [1, 1, 1, 2, 2, 2]
+    for x in steps:
+        assert x["samples"] == 256 and x["samples_per_s"] > 0 and np.isfinite(x["loss"])
+        assert 0.0 <= x["hit_rate"] <= 1.0 and 0.0 <= x["stall_fraction"] <= 1.0
+        assert x["staleness_waits"] == 0 and x["stall_seconds"] >= 0
+    assert np.mean([x["loss"] for x in steps]) == pytest.approx(r["final_loss"])  # the last <= 10 steps
+    assert [(x["epoch"], x["step"]) for x in epochs] == [(1, 3), (2, 6)]
+    assert [x["mrr"] for x in epochs] == [h["mrr"] for h in r["history"]]
+
+
+def test_log_dir_has_tensorboard_scalars_when_tensorboard_is_installed(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is optional and not installed here")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run([*small("kge", ""), "--epochs", "1", "--max-steps", "3", "--log-dir", str(tmp_path)])
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert {"train/loss", "train/hit_rate", "eval/mrr"} <= set(events.Tags()["scalars"])
+    assert len(events.Scalars("train/loss")) == 3
+
+
+def test_plot_draws_a_png_and_bad_targets_fail_before_training(tmp_path):
+    pytest.importorskip("matplotlib")
+    from mlkv.errors import PathNotFoundError
+
+    out = tmp_path / "train.png"
+    run([*small("kge", ""), "--epochs", "2", "--max-steps", "2", "--plot", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    with pytest.raises(PathNotFoundError, match=r"directory .*missing does not exist"):
+        cmd_train(PARSER.parse_args(["train", "kge", "--plot", str(tmp_path / "missing" / "p.png")]))
+
+
+def test_cli_errors_name_the_flags():
+    from mlkv.errors import MlkvError
+
+    cases = [
+        (["--resume", "--path", "/nonexistent/store"], "--resume: no mlkv store at /nonexistent/store"),
+        (["--cache-bytes", "lots"], "--cache-bytes must look like"),
+        (["--cache-bytes", "0%"], r"--cache-bytes 0%: a share must be in"),
+        (["--path", "/etc/hostname"], "--path /etc/hostname exists and is not a directory"),
+    ]
+    for flags, message in cases:
+        with pytest.raises(MlkvError, match=message):
+            cmd_train(PARSER.parse_args(["train", "kge", *flags]))

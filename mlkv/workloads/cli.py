@@ -118,12 +118,12 @@ WORKLOADS: dict[str, tuple] = {
     "kge": (
         "mlkv.workloads.kge", "KGEWorkload", "knowledge-graph embeddings (DistMult, ComplEx, TransE)",
         _kge_flags, "umls", KG_DATASETS,
-        {"epochs": 20, "batch_size": 512, "lr": 0.1, "cache_bytes": "1MiB"},
+        {"epochs": 20, "batch_size": 512, "lr": 0.1, "cache_bytes": "50%"},
     ),
     "gnn": (
         "mlkv.workloads.gnn", "GNNWorkload", "GraphSAGE link prediction on the MovieLens-100k graph",
         _gnn_flags, "ml100k", ("ml100k",),
-        {"epochs": 5, "batch_size": 1024, "lr": 0.05, "cache_bytes": "1MiB"},
+        {"epochs": 5, "batch_size": 1024, "lr": 0.05, "cache_bytes": "50%"},
     ),
 }  # fmt: skip
 
@@ -136,7 +136,8 @@ def _shared_flags(p: argparse.ArgumentParser, dataset: str, datasets: tuple, d: 
     p.add_argument(
         "--cache-bytes",
         default=d["cache_bytes"],
-        help=f"memory tier budget, e.g. 64MiB (default {d['cache_bytes']})",
+        help="memory tier budget: bytes such as 64MiB, or a share of the tables' size (rows with their "
+        f"optimizer state) such as 50%% (default {d['cache_bytes'].replace('%', '%%')})",
     )
     p.add_argument(
         "--staleness-bound", type=int, default=0, help="updates a read may miss; 0 is exact (default 0)"
@@ -188,6 +189,19 @@ def _shared_flags(p: argparse.ArgumentParser, dataset: str, datasets: tuple, d: 
         "--json", action="store_true", help="print the result as one JSON object (last line of stdout)"
     )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument(
+        "--log-dir",
+        metavar="DIR",
+        help="append per-step metrics (loss, samples/s, hit rate, stall, staleness waits) and per-epoch "
+        "evaluations to DIR/metrics.jsonl as JSON lines; also TensorBoard scalars in DIR if the "
+        "tensorboard package is installed",
+    )
+    p.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="draw loss and the evaluation metric, hit rate and stall over the steps into FILE, e.g. "
+        "train.png (needs matplotlib: pip install 'mlkv[plot]')",
+    )
     p.add_argument(
         "--distributed",
         action="store_true",
@@ -246,11 +260,42 @@ def make_workload(args: argparse.Namespace):
     return getattr(importlib.import_module(module), cls)(args)
 
 
+def _validate_paths(args: argparse.Namespace) -> None:
+    """Flags naming sizes, files and directories, checked before anything is trained or written."""
+    from ..errors import InvalidArgumentError, PathNotFoundError
+    from ..store.sizes import parse_bytes
+
+    budget = str(args.cache_bytes).strip()
+    if budget.endswith("%"):
+        try:
+            share = float(budget[:-1])
+        except ValueError:
+            share = -1.0
+        if not 0 < share <= 1000:
+            raise InvalidArgumentError(f"--cache-bytes {budget}: a share must be in (0%, 1000%]")
+    else:
+        parse_bytes(args.cache_bytes, "--cache-bytes")
+    for flag in ("path", "log_dir"):
+        where = getattr(args, flag)
+        if where is not None and os.path.exists(where) and not os.path.isdir(where):
+            raise InvalidArgumentError(f"--{flag.replace('_', '-')} {where} exists and is not a directory")
+    marker = os.path.join(args.path or "", "MLKV")
+    if args.resume and args.path is not None and not args.distributed and not os.path.exists(marker):
+        raise PathNotFoundError(
+            f"--resume: no mlkv store at {args.path} to continue (run once without --resume to start one)"
+        )
+    if args.plot is not None:
+        from .monitor import check_plot_target
+
+        check_plot_target(args.plot)
+
+
 def config_from_args(args: argparse.Namespace, log=None):
     from .runner import TrainConfig
 
     return TrainConfig(
         path=args.path, epochs=args.epochs, seed=args.seed, cache_bytes=args.cache_bytes,
+        log_dir=args.log_dir, plot=args.plot,
         staleness_bound=args.staleness_bound, lookahead=args.lookahead, engine=args.engine,
         resume=args.resume, overwrite=args.overwrite, dense_lr=args.dense_lr,
         checkpoint_every=args.checkpoint_every, distributed=args.distributed, dist_timeout=args.dist_timeout,
@@ -308,9 +353,20 @@ def _parse_only(workload, args: argparse.Namespace, log) -> int:
     return 0
 
 
+def baseline(workload, cfg, log) -> dict[str, Any]:
+    """Train the same model in memory with plain PyTorch: the report's "baseline" entry."""
+    from .runner import train
+
+    print("training the in-memory PyTorch baseline ...", file=log, flush=True)
+    base = train(workload, replace(cfg, resume=False, path=None, log_dir=None, plot=None), backend="torch")
+    keep = ("final_loss", "samples_per_s", "split", "train_seconds", *_headline_metrics(base))
+    return {k: base[k] for k in keep}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .runner import train
 
+    _validate_paths(args)
     _validate(args)
     follower = args.distributed and os.environ.get("RANK", "0") != "0"  # torchrun's rank; rank 0 reports
     log = sys.stderr if args.json or follower else sys.stdout
@@ -324,10 +380,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if follower:
         return 0
     if args.baseline:
-        print("training the in-memory PyTorch baseline ...", file=log, flush=True)
-        base = train(workload, replace(cfg, resume=False, path=None), backend="torch")
-        keep = ("final_loss", "samples_per_s", "split", "train_seconds", *_headline_metrics(base))
-        report["baseline"] = {k: base[k] for k in keep}
+        report["baseline"] = baseline(workload, cfg, log)
     for line in summary(report, _headline_metrics(report)):
         print(line, file=log)
     if args.json:
@@ -335,4 +388,58 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["WORKLOADS", "add_train_parsers", "cmd_train", "config_from_args", "make_workload", "summary"]
+#: `mlkv train` flags that shape what the command prints, not the run: not options of mlkv.workloads.run
+_OUTPUT_ONLY = frozenset({"json", "parse_only"})
+
+
+def _workload_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of `mlkv train NAME`."""
+    if name not in WORKLOADS:
+        from ..errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"unknown workload {name!r}; workloads: {', '.join(WORKLOADS)}")
+    train = add_train_parsers(argparse.ArgumentParser(prog="mlkv").add_subparsers(dest="command"))
+    sub = next(a for a in train._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+def workload_options(name: str) -> dict[str, Any]:
+    """Every option of workload `name` with its default: the flags of `mlkv train NAME`, dashes as
+    underscores (``--cache-bytes`` -> ``cache_bytes``)."""
+    args = _workload_parser(name).parse_args([])
+    return {k: v for k, v in vars(args).items() if k not in {"func", *_OUTPUT_ONLY}}
+
+
+def args_for(name: str, options: dict[str, Any]) -> argparse.Namespace:
+    """The argparse namespace `mlkv train NAME` would build, with `options` in place of the defaults.
+
+    Raises InvalidArgumentError for an unknown option (listing the valid ones) or a value outside a
+    flag's choices (listing them)."""
+    from ..errors import InvalidArgumentError
+
+    defaults = workload_options(name)
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise InvalidArgumentError(
+            f"unknown option(s) {', '.join(unknown)} for workload {name!r}; valid options: "
+            f"{', '.join(sorted(defaults))}"
+        )
+    for action in _workload_parser(name)._actions:
+        if action.choices is None or action.dest not in options:
+            continue
+        value = options[action.dest]
+        bad = [v for v in (value if isinstance(value, (list, tuple)) else [value]) if v not in action.choices]
+        if bad:
+            raise InvalidArgumentError(
+                f"{action.dest}={value!r} for workload {name!r}: expected one of "
+                f"{', '.join(map(repr, action.choices))}"
+            )
+    return argparse.Namespace(
+        command="train", workload=name, json=False, parse_only=False, **(defaults | options)
+    )
+
+
+__all__ = [
+    "WORKLOADS", "add_train_parsers", "args_for", "baseline", "cmd_train", "config_from_args",
+    "make_workload", "summary", "workload_options",
+]  # fmt: skip

@@ -104,9 +104,10 @@ def _open_store(workload: Workload, cfg: TrainConfig, path: str) -> mlkv.Store:
                     "--resume to continue it from its last checkpoint, or --overwrite to delete it and start "
                     "again (Python: TrainConfig(resume=True) or TrainConfig(overwrite=True))"
                 )
+            # the earlier run stays whole until the new run's first checkpoint commits these drops (and
+            # save_checkpoint then deletes the older dense files): a crash before that leaves it resumable
             for name in earlier:
                 store.drop_table(name)
-            shutil.rmtree(dense, ignore_errors=True)
     except BaseException:
         store.close(checkpoint=False)
         raise

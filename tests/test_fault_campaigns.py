@@ -166,3 +166,50 @@ def test_rocksdb_damage_found_while_opening_is_a_corruption_error(tmp_path, dama
     from mlkv.bench.fault_common import run_check
 
     assert run_check(str(path))[0] == 1
+
+
+def test_checkpoint_makes_new_files_durable_before_the_manifest_names_them(tmp_path, monkeypatch):
+    """Power loss: a file's directory entry is durable only after an fsync of its directory. Every file the
+    new MANIFEST names (a new table's slab file, a new index snapshot or log) must be in the directory as
+    of its last fsync before MANIFEST.tmp is renamed over MANIFEST, or a power loss right after the rename
+    can leave a committed manifest naming a file that is gone."""
+    import json
+    import stat
+
+    from mlkv.engine import slab
+
+    path = tmp_path / "s"
+    synced: set[str] = set()  # names in the store directory at its last fsync
+    missing: list[tuple[str, set[str]]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        real_fsync(fd)
+        if stat.S_ISDIR(os.fstat(fd).st_mode) and os.path.samefile(f"/proc/self/fd/{fd}", path):
+            synced.clear()
+            synced.update(os.listdir(path))
+
+    def replace(src, dst, **kw):
+        if os.path.basename(dst) == "MANIFEST":
+            body = json.loads(open(src, "rb").read().partition(b"\n")[2])  # noqa: SIM115
+            named = set()
+            for t in body["tables"].values():
+                named.add(f"t{t['id']}.slab")
+                if t["has_snapshot"]:
+                    named.add(f"t{t['id']}.{t['gen']}.snap")
+                if t["log_len"]:
+                    named.add(f"t{t['id']}.{t['gen']}.log")
+            if named - synced:
+                missing.append((body["meta"]["checkpoint_id"], named - synced))
+        real_replace(src, dst, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(slab, "_MIN_LOG_BYTES", 16)  # the second checkpoint starts a new snapshot and log
+    with mlkv.open(path, cache_bytes="1MiB") as store:
+        store.table("a", dim=4).put(np.arange(10, dtype=np.uint64), np.ones((10, 4), np.float32))
+        store.checkpoint()  # t0.slab, t0.1.snap, t0.1.log
+        store.table("a").put(np.arange(100, dtype=np.uint64), np.ones((100, 4), np.float32))
+        store.table("b", dim=2).put(np.arange(5, dtype=np.uint64), np.ones((5, 2), np.float32))
+        store.checkpoint()  # t1.slab, a new snapshot of t0
+    assert not missing, f"(checkpoint, files named before their directory entry was synced): {missing}"

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..durable_files import storage_errors
+from ..durable_files import fsync_dir, storage_errors
 from ..errors import CorruptionError, MlkvError, ReadOnlyError, StorageError, StorageFullError
 from ..faults import crash_point
 from . import index_log
@@ -297,6 +297,9 @@ class SlabEngine(Engine):
             with storage_errors(self.path, "checkpointing"):
                 for t in self._tables.values():
                     t.checkpoint(ckpt)
+                # the new slab, snapshot and log files' directory entries, durable before a manifest names
+                # them: after a power loss the rename alone could be on disk (tests/test_fault_campaigns.py)
+                fsync_dir(self.path)
                 body = {
                     "engine": self.name,
                     "next_id": self._next_id,

@@ -207,6 +207,9 @@ class RocksDBEngine(Engine):
         try:
             self._db: Rdict | None = Rdict(self.path, self._options(), access_type=access)
         except Exception as exc:  # rocksdict raises a bare Exception, with RocksDB's status as message
+            # a damaged SST, MANIFEST or WAL, or a file that CURRENT or the MANIFEST names is missing
+            if "Corruption" in str(exc) or "No such file or directory" in str(exc):
+                raise CorruptionError(self.path, None, f"RocksDB open: {exc}") from exc
             failure = _storage_failure(exc, self.path, "opening (RocksDB replays its log into a table)")
             if failure is exc:
                 raise

@@ -142,7 +142,7 @@ def test_expire_on_checkpoint_is_durable_and_settings_persist(tmp_path):
         for _ in range(2):
             t.get([1, 2])
         t.update([1, 2], -np.ones((2, 2), np.float32))  # step 1
-        for step in range(3):
+        for _ in range(3):
             t.get([1])
             t.update([1], -np.ones((1, 2), np.float32))
         store.checkpoint()  # key 2, last written at step 1 <= 4 - 2, is expired inside the checkpoint

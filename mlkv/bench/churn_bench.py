@@ -152,7 +152,9 @@ def run_config(name: str, stream: Stream, args) -> dict[str, Any]:
 def format_report(report: dict) -> str:
     cols = ("config", "rows end", "rows peak", "AUC", "logloss", "rejected", "expired", "capped")
     widths = (12, 9, 10, 7, 8, 9, 8, 7)
-    head = " ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cols, widths)))
+    head = " ".join(
+        f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cols, widths, strict=True))
+    )
     lines = [head, "-" * len(head)]
     for r in report["rows"]:
         lines.append(

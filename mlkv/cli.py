@@ -261,6 +261,10 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"the suffix decides: name the file {os.path.splitext(args.out)[0]}.{args.format}"
         )
     with open_readonly(args.path) as store:
+        if args.table not in store.tables():
+            raise UsageError(
+                f"no table {args.table!r} in {args.path}; its tables: {', '.join(store.tables()) or 'none'}"
+            )
         table = store.table(args.table)
         print(f"exporting table {args.table!r} of {args.path} to {args.out} ...", file=sys.stderr)
         n = table.export(args.out)

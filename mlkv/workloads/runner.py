@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,8 @@ import mlkv
 import mlkv.distributed
 import mlkv.torch
 
-from ..errors import MlkvError
+from ..errors import InvalidArgumentError, MlkvError
+from .monitor import StepMonitor
 from .tables import MlkvTables, TorchTables, dense_parameters
 from .workload import Workload
 
@@ -56,6 +57,8 @@ class TrainConfig:
     max_steps: int | None = None  # per epoch, for smoke tests
     progress: bool = True
     log: Any = None  # a file for the per-epoch lines; None: stdout
+    log_dir: str | None = None  # per-step metrics: DIR/metrics.jsonl, and TensorBoard events if installed
+    plot: str | None = None  # an image of loss/metric and hit rate/stall over the steps, drawn at the end
     distributed: bool = False  # under torchrun: tables sharded over the ranks, each rank 1/N of every batch
     dist_timeout: float = 300.0  # seconds a collective waits for a peer before failing (--distributed)
 
@@ -133,6 +136,26 @@ def _resume(workload: Workload, store: mlkv.Store, model, dense_opt, path: str) 
     return LoopState(**meta["loop"])
 
 
+def cache_budget(value: int | str, specs) -> int | str:
+    """`cache_bytes` as mlkv.open takes it; "P%" means P percent of the tables' bytes with their Adagrad
+    state (the workloads train with Adagrad), so a default such as "50%" stays below every dataset's size."""
+    if not (isinstance(value, str) and value.strip().endswith("%")):
+        return value
+    try:
+        share = float(value.strip()[:-1]) / 100
+    except ValueError:
+        share = -1.0
+    if not 0 < share <= 10:
+        raise InvalidArgumentError(
+            f"cache_bytes as a share of the tables must be in (0%, 1000%], got {value!r}"
+        )
+    total = 0
+    for spec in specs.values():
+        rows = spec.rows if spec.rows is not None else len(spec.keys())
+        total += rows * 4 * (spec.dim + mlkv.optim.Adagrad(lr=spec.lr).state_width(spec.dim))
+    return max(int(share * total), 1)
+
+
 def table_footprint(store: mlkv.Store, names) -> tuple[int, int]:
     """(rows, bytes) of the tables `names`, counting optimizer state (it lives in the row)."""
     rows = nbytes = 0
@@ -149,8 +172,9 @@ def table_footprint(store: mlkv.Store, names) -> tuple[int, int]:
 class _Progress:
     """One tqdm bar per epoch: samples/s, loss, and from the store the hit rate and the stall share."""
 
-    def __init__(self, store: mlkv.Store | None, total: int | None, desc: str, enabled: bool):
+    def __init__(self, store: mlkv.Store | None, total: int | None, desc: str, enabled: bool, on_step=None):
         self.store = store
+        self.on_step = on_step  # called with (samples, loss) after every step (the StepMonitor)
         # disable=None: no bar when stderr is not a terminal (a log file would get one line per refresh)
         self.bar = tqdm(total=total, desc=desc, unit="sample", unit_scale=True, file=sys.stderr,
                         disable=None if enabled else True, dynamic_ncols=True, leave=True)  # fmt: skip
@@ -178,6 +202,8 @@ class _Progress:
     def update(self, samples: int, loss: float) -> None:
         self.bar.update(samples)
         self.updates += 1
+        if self.on_step is not None:
+            self.on_step(samples, loss)
         if self.updates % 20 == 1 and not self.bar.disable:
             post = {"loss": f"{loss:.4f}"}
             s = self.stats()
@@ -217,6 +243,7 @@ def train(workload: Workload, cfg: TrainConfig, backend: str = "mlkv") -> dict[s
     if cfg.resume and cfg.overwrite:
         raise MlkvError("--resume and --overwrite contradict each other: continue the run, or replace it")
     make_deterministic(cfg.seed, cfg.threads)
+    cfg = replace(cfg, cache_bytes=cache_budget(cfg.cache_bytes, workload.tables()))
     specs = workload.tables()
     leave_group = False
     if cfg.distributed:
@@ -290,6 +317,7 @@ class _Run:
         self.dense_opt, self.sparse_opt = dense_opt, sparse_opt
         self.state = LoopState()
         self.log = cfg.log or sys.stdout
+        self.monitor = StepMonitor(store, cfg.log_dir, cfg.plot) if cfg.log_dir or cfg.plot else None
         self.train_seconds = 0.0
         self.samples = 0
         self.store_stats = {
@@ -308,6 +336,9 @@ class _Run:
         if self.store is None or self.cfg.lookahead <= 0:
             return batches
         return mlkv.torch.Prefetcher(batches, keys=self.w.keys, tables=self.store, depth=self.cfg.lookahead)
+
+    def _on_step(self, samples: int, loss: float) -> None:
+        self.monitor.step(self.state.global_step, self.state.epoch + 1, samples, loss)
 
     def _checkpoint(self) -> None:
         if self.store is not None:
@@ -377,7 +408,8 @@ class _Run:
             while st.epoch < cfg.epochs:
                 total = self.w.samples_per_epoch() if cfg.max_steps is None else None
                 desc = f"{self.w.name} epoch {st.epoch + 1}/{cfg.epochs}"
-                bar = _Progress(self.store, total, desc, cfg.progress)
+                on_step = self._on_step if self.monitor else None
+                bar = _Progress(self.store, total, desc, cfg.progress, on_step)
                 start = time.perf_counter()
                 try:
                     self._train_epoch(boundary, bar)
@@ -390,6 +422,8 @@ class _Run:
                     self.store_stats[k] += window.get(k, 0)
                 metrics = _evaluate(self.w, self.model, self.w.epoch_split)
                 st.history.append({"epoch": st.epoch + 1, "loss": float(np.mean(st.losses)), **metrics})
+                if self.monitor is not None:
+                    self.monitor.epoch(st.global_step, st.epoch + 1, float(np.mean(st.losses)), metrics)
                 st.epoch += 1
                 st.step = 0
                 line = f"epoch {st.epoch}/{cfg.epochs}  loss {np.mean(st.losses):.4f}  {self.w.epoch_split}: "
@@ -406,6 +440,8 @@ class _Run:
         in the last training checkpoint, so that --resume still finds it), and build the report."""
         final = _evaluate(self.w, self.model, self.w.final_split)
         self._checkpoint()
+        if self.monitor is not None:
+            self.monitor.close()  # draws the plot
         st = self.state
         out: dict[str, Any] = {
             "workload": self.w.name,

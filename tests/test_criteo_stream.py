@@ -133,6 +133,17 @@ def test_keys_and_missing_values_are_as_documented(tmp_path):
     assert dense == pytest.approx([0.0, 0.0, math.log(8)])
 
 
+def test_fields_the_compiled_loop_leaves_to_the_column_parser_still_parse(tmp_path):
+    """The compiled pass accepts at most 18 digits and no signed label; such valid lines are still read."""
+    base = make_lines(30, 3)
+    f = base[1].split("\t")
+    f[0], f[1], f[2] = "-0", "1234567890123456789", "-123456789012345678"
+    lines = [base[0], "\t".join(f), base[2]]
+    got = CriteoBatch.concat(list(CriteoStream([write(tmp_path / "edge.txt", lines)], 2, workers=0)))
+    assert_same(got, reference(lines))
+    assert got.dense[1, :2].tolist() == [1234567890123456789, -123456789012345678]
+
+
 def test_glob_patterns_expand_in_natural_order(tmp_path):
     for day in (10, 2, 0, 1):
         write(tmp_path / f"day_{day}.gz", make_lines(day, 3), gz=True)

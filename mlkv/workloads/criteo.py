@@ -4,10 +4,12 @@ The format of the Criteo Kaggle `train.txt` and Terabyte `day_N` files: one samp
 separated by tabs: the label (0/1), I1..I13 integer features (counts; a few may be negative), C1..C26
 categorical features as 32-bit hashes written in 8 hex digits. Any feature may be empty (missing).
 
-The reader never loops over fields in Python: a chunk of bytes becomes a uint8 array, the positions of all
-tabs and newlines give every field's start and length, and digits are accumulated column by column
-(Horner's rule) over all lines of the chunk at once. The writer is the exact inverse, built the same way.
-Synthetic files come from `criteo_synth`.
+The reader never loops over fields in Python. `parse_lines` runs one compiled pass (numba, `nogil`) over the
+bytes of a chunk; a chunk it does not accept goes to the column-wise numpy parser, the reference, which
+names the malformed line (or parses the rare valid field the compiled pass is stricter about, such as a
+19-digit count): the positions of all tabs and newlines give every field's start and length, and digits
+are accumulated column by column (Horner's rule) over all lines at once. The writer is the exact inverse
+of the latter, built the same way. Synthetic files come from `criteo_synth`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from ..errors import InvalidArgumentError
@@ -128,7 +131,19 @@ def _parse_hex(a, starts, lens, source, first_line) -> np.ndarray:
 
 
 def parse_lines(data: bytes | np.ndarray, source: str = "<bytes>", first_line: int = 1) -> CriteoBatch:
-    """Parse complete Criteo lines. Raises ValueError naming `source:line` for a malformed line."""
+    """Parse complete Criteo lines (the last may lack its newline).
+
+    Args:
+        data: the text, as bytes or a uint8 array.
+        source: the file name used in error messages.
+        first_line: the line number of the first line of `data` in `source`.
+
+    Returns:
+        CriteoBatch with one sample per line.
+
+    Raises:
+        InvalidArgumentError: a malformed line; the message names `source:line` and what is wrong.
+    """
     a = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
     if len(a) == 0:
         return CriteoBatch(
@@ -136,6 +151,66 @@ def parse_lines(data: bytes | np.ndarray, source: str = "<bytes>", first_line: i
         )
     if a[-1] != _NL:
         a = np.append(a, np.uint8(_NL))
+    n = int(np.count_nonzero(a == _NL))
+    labels = np.empty(n, np.float32)
+    dense = np.empty((n, N_DENSE), np.int64)
+    cats = np.empty((n, N_CAT), np.int64)
+    if _parse_kernel(a, labels, dense, cats, _HEX_VALUE):
+        return CriteoBatch(labels, dense, cats)
+    # a line the compiled loop does not accept: the column-wise parser says what is wrong (or, for the rare
+    # valid line the loop is stricter about, e.g. a 19-digit count, parses it)
+    return _parse_columns(a, source, first_line)
+
+
+@numba.njit(nogil=True, cache=True)
+def _parse_kernel(a, labels, dense, cats, hex_value) -> bool:  # pragma: no cover - compiled
+    """One pass over the bytes of `a` (complete lines): False at the first line it does not accept."""
+    i, size = 0, len(a)
+    for line in range(len(labels)):
+        for f in range(N_FIELDS):
+            start = i
+            if f <= N_DENSE:  # the label and the integer features: optional '-', then at most 18 digits
+                neg = 1 if i < size and a[i] == _MINUS else 0
+                i += neg
+                value = 0
+                while i < size and a[i] != _TAB and a[i] != _NL:
+                    digit = np.int64(a[i]) - 48
+                    if digit < 0 or digit > 9 or i - start - neg >= 18:
+                        return False
+                    value = value * 10 + digit
+                    i += 1
+                if neg and i == start + 1:
+                    return False
+                if f == 0:
+                    if i == start or neg or value > 1:
+                        return False
+                    labels[line] = value
+                else:
+                    dense[line, f - 1] = DENSE_MISSING if i == start else (-value if neg else value)
+            else:  # a categorical feature: at most 8 hex digits
+                value = 0
+                while i < size and a[i] != _TAB and a[i] != _NL:
+                    nibble = hex_value[a[i]]
+                    if nibble < 0 or i - start >= 8:
+                        return False
+                    value = value * 16 + nibble
+                    i += 1
+                cats[line, f - 1 - N_DENSE] = MISSING_KEY if i == start else value
+            if i >= size or a[i] != (_NL if f == N_FIELDS - 1 else _TAB):
+                return False
+            i += 1
+    return i == size
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the parse loop for the array types it meets, now."""
+    line = b"1" + b"\t" * (N_FIELDS - 1)
+    parse_lines(line + b"\n")  # read-only input: a chunk of a file
+    parse_lines(line)  # a copy with the newline added: the last line of a file
+
+
+def _parse_columns(a: np.ndarray, source: str, first_line: int) -> CriteoBatch:
+    """The column-wise numpy parser of complete lines (`a` ends with a newline); the reference for errors."""
     starts, lens = _field_bounds(a, source, first_line)
     label = _parse_ints(a, starts[:, :1], lens[:, :1], source, first_line)[:, 0]
     if ((label != 0) & (label != 1)).any():
@@ -288,4 +363,5 @@ __all__ = [
     "read_batches",
     "read_chunks",
     "rebatch",
+    "warm_up",
 ]

@@ -279,8 +279,8 @@ def _parser_main(inq, outq) -> None:
 def _context():
     method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
     ctx = mp.get_context(method)
-    if method == "forkserver":  # workers fork from a server that has imported this module: ~20 ms each
-        ctx.set_forkserver_preload(["__main__", __name__])  # "__main__": the default preload, kept
+    if method == "forkserver":  # workers fork from a server that has imported them and compiled the parser
+        ctx.set_forkserver_preload(["__main__", __name__, f"{__package__}.criteo_preload"])
     return ctx
 
 

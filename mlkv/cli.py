@@ -20,7 +20,7 @@ import mlkv
 
 from .engine import ENGINES
 from .errors import CorruptionError, MlkvError, StoreLockedError
-from .store.store import engine_files
+from .store.store import lost_marker
 
 _MARKER = "MLKV"  # the JSON file in which every on-disk store names its engine
 
@@ -41,11 +41,9 @@ def store_engine(path: str) -> str:
         with open(marker) as f:
             found = json.load(f)
     except FileNotFoundError:
-        found = engine_files(path)
-        if found:  # the marker is written before any engine file: it was lost
-            raise CorruptionError(
-                marker, None, f"missing, but the directory holds engine files ({', '.join(found[:4])})"
-            ) from None
+        lost = lost_marker(path)
+        if lost is not None:
+            raise lost from None
         raise UsageError(f"{path} is not an mlkv store (it has no {_MARKER} file)") from None
     except ValueError as e:
         raise CorruptionError(marker, 0, f"not valid JSON: {e}") from None

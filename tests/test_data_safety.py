@@ -133,15 +133,21 @@ def test_superseded_and_uncommitted_files_are_removed_on_reopen(tmp_path, crash_
 
 def test_missing_marker_with_table_files_refuses_to_open(tmp_path, capsys):
     path = str(tmp_path / "s")
-    _fill(path)
+    oracle = _fill(path)
     os.remove(os.path.join(path, "MLKV"))
     before = _files(path)
     for engine in ("slab", "rocksdb"):
-        with pytest.raises(mlkv.CorruptionError, match="MLKV"):
+        with pytest.raises(mlkv.CorruptionError, match="MLKV") as e:
             mlkv.open(path, engine=engine)
     assert _files(path) == before  # no marker written, no rocksdb/ created
     rc, out, _ = _check(capsys, path)
     assert rc == 1 and "MLKV" in out
+    restore = '{"format": 1, "engine": "slab"}'
+    assert restore in str(e.value)  # the message says how to restore it; then everything is there
+    with open(os.path.join(path, "MLKV"), "w") as f:
+        f.write(restore)
+    with mlkv.open(path) as store:
+        assert store_snapshot(store) == oracle
 
 
 def test_rocksdb_without_current_refuses_to_open_and_deletes_nothing(tmp_path, capsys):

@@ -48,26 +48,30 @@ _STAT_KEYS = (
 WRITEBACK_MIN_BYTES, WRITEBACK_MAX_BYTES = 1 << 20, 64 << 20
 
 
-def engine_files(path: str) -> list[str]:
-    """Names in `path` that only an engine writes (slab MANIFEST and table files, the rocksdb directory)."""
-    return sorted({"MANIFEST", "rocksdb"}.intersection(os.listdir(path))) + table_files(path)
+def lost_marker(path: str) -> CorruptionError | None:
+    """The error for a directory holding engine files but no MLKV marker; None when it holds none.
+
+    The marker is written before any engine file, so engine files without it mean it was lost: that is
+    damage, not a new store to create over them. The message says how to restore the marker."""
+    slab = sorted({"MANIFEST"}.intersection(os.listdir(path))) + table_files(path)
+    rocksdb = os.path.isdir(os.path.join(path, "rocksdb"))
+    if not slab and not rocksdb:
+        return None
+    marker = os.path.join(path, _MARKER)
+    found = ", ".join([*slab[:4], *(["rocksdb/"] if rocksdb else [])])
+    what = f"the {_MARKER} marker is missing, but the directory holds engine files ({found}): not opened"
+    if not (slab and rocksdb):
+        body = json.dumps({"format": FORMAT, "engine": "slab" if slab else "rocksdb"})
+        what += f". To restore the marker: echo '{body}' > {marker}"
+    return CorruptionError(marker, None, what)
 
 
 def _check_marker(path: str, engine: str, create: bool) -> None:
     """Each store directory names its engine, so opening it with another engine is an error, not data loss.
-
-    The marker is written before any engine file, so engine files without it mean it was lost: that is
-    damage (CorruptionError), not a new store to create over them."""
+    A missing marker beside engine files is damage (`lost_marker`)."""
     marker = os.path.join(path, _MARKER)
-    if not os.path.exists(marker):
-        found = engine_files(path)
-        if found:
-            raise CorruptionError(
-                marker,
-                None,
-                f"the {_MARKER} marker is missing, but the directory holds engine files "
-                f"({', '.join(found[:4])}); refusing to open: restore it (JSON naming the engine)",
-            )
+    if not os.path.exists(marker) and (lost := lost_marker(path)) is not None:
+        raise lost
     if os.path.exists(marker):
         with open(marker, "rb") as f:
             raw = f.read()

@@ -13,6 +13,7 @@ Design, hash, checkpoint protocol, failure behaviour and scaling estimates: docs
 
 from .group import DEFAULT_TIMEOUT_S, DistributedError, all_reduce_gradients, init, rank_and_size, shutdown
 from .hashing import HASH_NAME, owner_of
+from .reshard import reshard
 from .store import ShardedStore, open  # noqa: A004 - mlkv.distributed.open mirrors mlkv.open
 from .table import ShardedTable
 
@@ -27,5 +28,6 @@ __all__ = [
     "open",
     "owner_of",
     "rank_and_size",
+    "reshard",
     "shutdown",
 ]

@@ -83,6 +83,12 @@ class ShardedTable:
         self.local.optimizer = value
 
     @property
+    def effective_staleness_bound(self) -> int:
+        """0: sharded updates are collectives, applied before the call returns on every rank, so readers
+        never miss an update whatever bound the shards are configured with."""
+        return 0
+
+    @property
     def step(self) -> int:
         """Global steps applied (the same on every rank)."""
         return self.local.step
@@ -196,6 +202,10 @@ class ShardedTable:
             self.local.update(got_keys, got, reader=self._reader_tag, **extra)
         else:  # keep Adam's step in lockstep with the shards that did update (no other writer: SPMD)
             self.local.step += 1
+
+    def update_async(self, keys, grads, reader: Hashable | None = None, optimizer=None) -> None:
+        """``update``: applied synchronously (a collective), which meets every staleness bound."""
+        self.update(keys, grads, reader=reader, optimizer=optimizer)
 
     def put(self, keys, values, reader: Hashable | None = None) -> None:
         """Overwrite embeddings at their owners (optimizer state kept). Collective. A key put by several

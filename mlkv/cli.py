@@ -280,6 +280,18 @@ def cmd_bench_store(args: argparse.Namespace) -> int:
     return store_bench.main(args)
 
 
+def cmd_reshard(args: argparse.Namespace) -> int:
+    from .distributed import reshard
+
+    out = reshard(args.src, args.world_size, args.out)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{out['rows']:,} rows of {len(out['tables'])} tables moved from {out['from']} to {out['to']} "
+              f"shards in {args.out} (checkpoint {out['checkpoint_id']})")  # fmt: skip
+    return 0
+
+
 def cmd_bench_train(args: argparse.Namespace) -> int:
     from .bench import train_bench
 
@@ -354,6 +366,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_arguments(train)
     train.set_defaults(func=cmd_bench_train)
+
+    reshard = sub.add_parser(
+        "reshard",
+        help="copy a sharded store (mlkv.distributed) into shards for another world size",
+        description="Streams every row (embedding and optimizer state) of the sharded store IN, at its last "
+        "collective checkpoint, into N new shards in OUT, placed by the documented key hash; the dense "
+        "checkpoint goes with them, so `train ... --distributed --resume` continues with N ranks.",
+    )
+    reshard.add_argument("src", metavar="IN", help="root of the sharded store (rank-R-of-M directories)")
+    reshard.add_argument("--world-size", type=int, required=True, metavar="N", help="output shards")
+    reshard.add_argument("out", metavar="OUT", help="output root (must not exist or be empty)")
+    reshard.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    reshard.set_defaults(func=cmd_reshard)
 
     from .workloads.cli import add_train_parsers
 

@@ -259,14 +259,15 @@ def test_eio_from_fsync_during_checkpoint_rules_out_later_checkpoints(tmp_path, 
     rows = _values(np.arange(10), 5)
     t.put(np.arange(10), rows)
     real_fsync = os.fsync
-    calls = {"n": 0}
+    manifest = (tmp_path / "s" / "MANIFEST").read_bytes()
 
     def failing_fsync(fd):
-        calls["n"] += 1
         target = os.readlink(f"/proc/self/fd/{fd}")
-        if (where == "index_log" and target.endswith(".log")) or (
-            where == "manifest_dir" and os.path.isdir(target)
-        ):
+        if where == "index_log":
+            fail = target.endswith(".log")
+        else:  # the directory fsync after the rename (not the one before it)
+            fail = os.path.isdir(target) and (tmp_path / "s" / "MANIFEST").read_bytes() != manifest
+        if fail:
             raise OSError(errno.EIO, "Input/output error")
         real_fsync(fd)
 
@@ -348,3 +349,8 @@ def test_slab_file_shorter_than_manifest_raises_corruption_not_sigbus(tmp_path):
     assert r.returncode == 0, f"exit {r.returncode}: {r.stdout} {r.stderr[-2000:]}"
     lines = r.stdout.splitlines()
     assert len(lines) == 2 and all("t0.slab" in ln and "slots need" in ln for ln in lines), r.stdout
+    fds = len(os.listdir("/proc/self/fd"))  # in process too (safe now): a failed open leaks nothing
+    for readonly in (True, False):
+        with pytest.raises(mlkv.CorruptionError, match="slots need"):
+            mlkv.open(path, readonly=readonly)
+    assert len(os.listdir("/proc/self/fd")) == fds

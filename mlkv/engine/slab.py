@@ -53,7 +53,6 @@ class _SlabTable:
         self.row_bytes = row_bytes
         if state is not None and not os.path.exists(self._path("slab")):
             raise CorruptionError(self._path("slab"), None, "slab file named by the manifest is missing")
-        self.file = SlotFile(self._path("slab"), row_bytes, readonly)
         self.gen = state["gen"] if state else 0
         self.log_len = state["log_len"] if state else 0
         self.snapshot_pairs = state["snapshot_pairs"] if state else 0
@@ -64,8 +63,13 @@ class _SlabTable:
             raise CorruptionError(self._path(f"{self.gen}.log"), 0, "index names a slot past the table end")
         self.index = KeyIndex(len(keys))
         self.index.insert_new(keys, slots)
-        self.file.check_size(self.n_slots)  # a short file would SIGBUS on a mapped read
-        self.file.ensure_capacity(self.n_slots)
+        self.file = SlotFile(self._path("slab"), row_bytes, readonly)
+        try:
+            self.file.check_size(self.n_slots)  # a short file would SIGBUS on a mapped read
+            self.file.ensure_capacity(self.n_slots)
+        except BaseException:
+            self.file.close()  # a failed open leaves no descriptor or mapping behind
+            raise
         self.frozen = np.zeros(self.file.capacity, dtype=bool)
         self.frozen[slots] = True
         self.free = np.flatnonzero(~self.frozen[: self.n_slots])
@@ -220,8 +224,13 @@ class SlabEngine(Engine):
         self._meta = manifest["meta"] if manifest else None
         self._next_id = manifest["next_id"] if manifest else 0
         self._tables: dict[str, _SlabTable] = {}
-        for name, st in (manifest["tables"] if manifest else {}).items():
-            self._tables[name] = _SlabTable(path, st["id"], st["row_bytes"], st, readonly)
+        try:
+            for name, st in (manifest["tables"] if manifest else {}).items():
+                self._tables[name] = _SlabTable(path, st["id"], st["row_bytes"], st, readonly)
+        except BaseException:  # a damaged table: the ones loaded before it leave no descriptor behind
+            for t in self._tables.values():
+                t.file.close()
+            raise
         self._dropped: list[_SlabTable] = []
         self._failed: OSError | None = None  # a checkpoint failure that rules out further checkpoints
         if not readonly:

@@ -655,3 +655,15 @@ def test_opening_a_missing_table_without_dim_says_dim_creates_it(tmp_path):
     readonly = mlkv.open(tmp_path / "s", readonly=True, create=False)
     with readonly, pytest.raises(KeyError, match=r"\(the store is open readonly\)"):
         readonly.table("b")
+
+
+def test_mlkv_open_documents_every_argument_and_takes_those_of_store():
+    import inspect
+
+    params = inspect.signature(mlkv.open).parameters
+    assert list(params) == list(inspect.signature(mlkv.Store).parameters)  # no Store argument left out
+    doc = mlkv.open.__doc__
+    for name in params:
+        assert f"\n        {name} (" in doc, name
+    for section in ("Args:", "Returns:", "Raises:"):
+        assert section in doc

@@ -48,13 +48,40 @@ def test_power_loss_images_recover_a_checkpoint_or_raise(tmp_path):
 
 
 def test_corruption_fuzz_never_returns_wrong_rows(tmp_path):
-    """Every mutation but swapping two files (known to return wrong rows on the slab engine: see the two
-    xfail tests below; the full campaign runs swaps too)."""
-    mutations = tuple(m for m in fault_fuzz.MUTATIONS if m != "swap")
-    tally = fault_fuzz.campaign(50, ENGINES, tmp_path, seed=9000, mutations=mutations)
+    """Every mutation; the cases of the still-open findings (fault_fuzz.KNOWN_FINDINGS, each with a
+    strict-xfail test below) are skipped here and run by the full campaign."""
+    tally = fault_fuzz.campaign(50, ENGINES, tmp_path, seed=9000, skip_known=True)
     _assert_clean(tally, 50)
+    checked = sum(n for outcome, n in tally.counts.items() if not outcome.startswith("skipped"))
     raised = sum(n for outcome, n in tally.counts.items() if "CorruptionError" in outcome)
-    assert raised >= 10  # the damage did land on data
+    assert checked >= 40 and raised >= 10  # the damage did land on data
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason="fuzz finding: slab file shorter than its header")
+def test_slab_file_cut_inside_its_header_is_a_corruption_error(tmp_path):
+    path = tmp_path / "s"
+    with mlkv.open(path) as store:
+        store.table("t", dim=4).put(np.arange(5, dtype=np.uint64), np.ones((5, 4), np.float32))
+    os.truncate(path / "t0.slab", 100)  # magic, version, widths and CRC intact; the 4 KiB header is not
+    with pytest.raises(mlkv.CorruptionError, match=r"t0\.slab"):
+        mlkv.open(path).close()
+
+
+@pytest.mark.xfail(
+    strict=False,  # where RocksDB's MANIFEST records fall depends on its version: 32 bytes may miss
+    raises=AssertionError,
+    reason="fuzz finding: a RocksDB MANIFEST cut short opens as an empty store (mlkv keeps no record of "
+    "its last checkpoint outside RocksDB)",
+)
+def test_rocksdb_manifest_cut_short_never_opens_as_an_empty_store(tmp_path):
+    path = tmp_path / "s"
+    with mlkv.open(path, engine="rocksdb") as store:
+        store.table("t", dim=4).put(np.arange(50, dtype=np.uint64), np.ones((50, 4), np.float32))
+        store.checkpoint()
+    manifest = next((path / "rocksdb").glob("MANIFEST-*"))
+    os.truncate(manifest, manifest.stat().st_size - 32)  # the last edit: the SST its flush at close wrote
+    with contextlib.suppress(mlkv.CorruptionError), mlkv.open(path, engine="rocksdb") as store:
+        assert store.last_checkpoint() is not None and store.tables() == ["t"], "opened as an empty store"
 
 
 def _two_tables(path, monkeypatch, shift: int) -> dict:

@@ -19,6 +19,11 @@ for bit is a failure. A checkpoint that returned (journaled) but is not what rec
 The campaign then restarts the writer on the recovered store with a new segment seed, resuming each thread
 at its c, so leftovers of a crashed checkpoint meet fresh writes, and kills it again.
 
+The writer prints "started" after its first checkpoint (a process's first ops are slow while compiled
+kernels load; the kill delay counts from there). Environment: MLKV_FAULT_CKPT_GAP (mean seconds between
+checkpoints, default 0.05); MLKV_FAULT_SHADOW (a directory: record durable state for the power-loss
+campaign, see fault_powerloss.install_shadow).
+
 A trial is one kill and its recovery check. Thread-safety: trials run in parallel threads of the campaign;
 each has its own directories and oracle store.
 """
@@ -339,14 +344,18 @@ def crash_trials(engine: str, seed: int, workdir: Path, kills: int, tally: Tally
             problem = run_writer_until_killed(path, engine, state, seg_seed, segment, list(oracle.pos), delay)
             if problem:
                 tally.add("failed", f"{repro}: {problem}")
+                for _ in range(segment + 1, kills):
+                    tally.add("not run: an earlier kill of its store failed")
                 return
             try:
                 outcome, failure = verify_recovery(path, engine, state, oracle, seg_seed, segment)
             except Exception as e:
                 outcome, failure = "failed", f"{type(e).__name__}: {e}"
             tally.add(outcome, None if failure is None else f"{repro}: {failure}")
-            if failure is not None:
-                return  # the oracle no longer knows where the store stands
+            if failure is not None:  # the oracle no longer knows where the store stands
+                for _ in range(segment + 1, kills):
+                    tally.add("not run: an earlier kill of its store failed")
+                return
     finally:
         oracle.close()
     shutil.rmtree(root, ignore_errors=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -25,6 +26,30 @@ from .fault_common import Tally, dump_difference, run_check, store_dump, wrong_r
 from .fault_crash import THREADS, open_tables, run_op
 
 MUTATIONS = ("flip", "flip", "flip", "bytes", "zero", "truncate", "extend", "delete", "swap")
+
+
+def _cut_inside_slab_header(engine: str, what: str) -> bool:
+    m = re.fullmatch(r"truncate \S+\.slab from \d+ to (\d+)", what)
+    return engine == "slab" and m is not None and 24 <= int(m.group(1)) < 4096
+
+
+#: damage this campaign found mishandled and that is still open (each has a strict-xfail test in
+#: tests/test_fault_campaigns.py): (label, predicate on (engine, what the mutation did)). The CI short form
+#: (`skip_known=True`) applies such a mutation but counts the case as skipped; the full campaign runs them.
+KNOWN_FINDINGS = (
+    (
+        "slab: files of two same-width tables swapped (wrong rows: files carry no table identity)",
+        lambda engine, what: engine == "slab" and what.startswith("swap"),
+    ),
+    (
+        "slab: slot file cut inside its 4 KiB header (ValueError, not CorruptionError)",
+        _cut_inside_slab_header,
+    ),
+    (
+        "rocksdb: RocksDB MANIFEST cut short (can open as an empty store)",
+        lambda engine, what: engine == "rocksdb" and what.startswith("truncate rocksdb/MANIFEST"),
+    ),
+)
 _SKIP = ("LOCK",)  # the writer lock: its content is a pid, nothing reads it
 
 
@@ -209,6 +234,7 @@ def run_case(
     n: int,
     tally: Tally,
     mutations: tuple[str, ...] = MUTATIONS,
+    skip_known: bool = False,
 ):
     import mlkv
 
@@ -219,6 +245,11 @@ def run_case(
     what, touched = mutate(root, engine, rng, targets, mutations)
     repro = f"{engine} seed {seed} case {n}: {what}"
     how = what.split()[0]
+    known = [label for label, applies in KNOWN_FINDINGS if applies(engine, what)]
+    if skip_known and known:
+        tally.add(f"skipped, known finding: {known[0]}")
+        shutil.rmtree(root, ignore_errors=True)
+        return
     rc, text = run_check(str(root))
     got, err = None, None
     try:
@@ -256,8 +287,10 @@ def campaign(
     workdir: Path,
     seed: int = 0,
     mutations: tuple[str, ...] = MUTATIONS,
+    skip_known: bool = False,
 ) -> Tally:
-    """`cases` damaged copies in all, split evenly over `engines`, each by one of `mutations`."""
+    """`cases` damaged copies in all, split evenly over `engines`, each by one of `mutations`;
+    `skip_known`: count the cases of KNOWN_FINDINGS as skipped instead of checking them."""
     tally = Tally("corruption fuzz")
     workdir.mkdir(parents=True, exist_ok=True)
     for j, engine in enumerate(engines):
@@ -267,6 +300,6 @@ def campaign(
         targets = _targets(base, engine)
         share = cases // len(engines) + (j < cases % len(engines))
         for n in range(share):
-            run_case(base, want, engine, targets, workdir, seed, n, tally, mutations)
+            run_case(base, want, engine, targets, workdir, seed, n, tally, mutations, skip_known)
         shutil.rmtree(base, ignore_errors=True)
     return tally

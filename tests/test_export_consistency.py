@@ -129,3 +129,53 @@ def test_items_beside_deletes_puts_and_checkpoints_yields_each_stable_key_once(t
         versions = w_train.finish()
     assert n_scans >= 1 and versions >= 1
     store.close()
+
+
+def test_export_beside_training_succeeds_or_reports_change_never_corruption(tmp_path):
+    """Table.export while another thread deletes, re-creates and rewrites rows and checkpoints: each export
+    either writes a file whose every row belongs to its key (keys sorted) or raises MlkvError "changed during
+    export"; never CorruptionError."""
+    store = mlkv.open(tmp_path / "s", cache_bytes="64KiB")
+    t = store.table("t", dim=2, optimizer=None)
+    keys = np.arange(150_000, dtype=np.int64)  # > 2 batches of items() (65536 rows): batches interleave
+    t.put(keys, np.stack([keys.astype(np.float32), np.zeros(len(keys), np.float32)], axis=1))
+    store.checkpoint()
+    stop = threading.Event()
+
+    def trainer():
+        rng = np.random.default_rng(2)
+        step = 0
+        while not stop.is_set():
+            step += 1
+            victims = rng.choice(keys, 50, replace=False)
+            t.delete(victims)
+            t.flush()
+            t.put(victims, np.stack([victims.astype(np.float32), np.full(50, step, np.float32)], axis=1))
+            t.flush()
+            if step % 4 == 0:
+                store.checkpoint()
+        return step
+
+    w = Worker(trainer, name="trainer")
+    w.start()
+    outcomes = {"written": 0, "changed": 0}
+    try:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            out = tmp_path / "export.npy"
+            try:
+                n = t.export(out)
+            except mlkv.MlkvError as e:
+                assert not isinstance(e, mlkv.CorruptionError) and "changed during export" in str(e), e
+                outcomes["changed"] += 1
+                continue
+            weights = np.load(out)
+            got = np.load(tmp_path / "export.keys.npy")
+            assert n == len(got) == len(weights) and (np.diff(got) > 0).all()
+            np.testing.assert_array_equal(weights[:, 0], got.astype(np.float32))
+            outcomes["written"] += 1
+    finally:
+        stop.set()
+        w.finish()
+    assert sum(outcomes.values()) >= 1, outcomes
+    store.close()

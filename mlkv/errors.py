@@ -50,6 +50,14 @@ class InvalidTypeError(MlkvError, TypeError):
     """An argument has the wrong type or dtype (the message names expected and received)."""
 
 
+class UnsupportedError(MlkvError, NotImplementedError):
+    """An argument or mode that torch offers but mlkv does not support (the message names it)."""
+
+
+class InternalError(MlkvError, RuntimeError):
+    """mlkv cannot go on: an internal limit is exhausted or one of its threads ended without a result."""
+
+
 class UnknownTableError(MlkvError, KeyError):
     """No table of that name exists in the store (the message lists the tables)."""
 

@@ -172,7 +172,9 @@ def test_zero_gradient_keeps_weights():
 @pytest.mark.parametrize(
     ("make", "match"),
     [
-        (lambda: SGD(0), r"lr must be .*\(0\.0, inf\).*got 0"),
+        (lambda: SGD(-0.5), r"lr must be .*\[0\.0, inf\).*got -0\.5"),  # 0 is valid, as in torch
+        (lambda: SGD(0.1, weight_decay=-0.1), r"weight_decay .*\[0\.0, inf\).*got -0\.1"),
+        (lambda: Adagrad(0.1, weight_decay=float("inf")), r"weight_decay .*got inf"),
         (lambda: SGD(-1.0), r"lr .*got -1\.0"),
         (lambda: SGD(float("nan")), r"lr .*got nan"),
         (lambda: SGD("0.1"), r"lr .*got '0\.1'"),

@@ -47,11 +47,11 @@ class SpyTable:
             self.held.setdefault(reader, set()).update(k.tolist())
         return self._t.get(keys, track=track, reader=reader)
 
-    def update(self, keys, grads, reader=None):
+    def update(self, keys, grads, reader=None, **kw):
         k = np.asarray(keys).copy()
         self.updates.append((k, reader))
         self.held.get(reader, set()).difference_update(k.tolist())
-        return self._t.update(keys, grads, reader=reader)
+        return self._t.update(keys, grads, reader=reader, **kw)
 
     def release(self, keys, reader=None):
         k = np.asarray(keys).copy()
@@ -172,11 +172,6 @@ def test_embedding_padding_reads_zero_and_is_never_touched(store):
     assert (only_pad == 0).all() and len(t.gets) == 1  # nothing to read at all
 
 
-def test_embedding_max_norm_is_refused(store):
-    with pytest.raises(NotImplementedError, match="max_norm"):
-        Embedding(store.table("t", dim=DIM), max_norm=1.0)
-
-
 # ---- EmbeddingBag ---------------------------------------------------------------------------------------
 def bags(rng, n_bags: int, layout: str):
     """(input, offsets) for `layout`: '1d' variable bags (some empty), 'last' the same with
@@ -267,7 +262,7 @@ def test_embedding_bag_empty_input_gives_zero_bags(store):
         ({"include_last_offset": True}, lambda e: e(torch.tensor([1, 2]), torch.tensor([0, 1])), ValueError),
         ({"mode": "mean"}, lambda e: e(torch.tensor([[1, 2]]), per_sample_weights=torch.ones(1, 2)),
          NotImplementedError),
-        ({}, lambda e: e(torch.tensor([[1, 2]]), per_sample_weights=torch.ones(2)), ValueError),
+        ({"mode": "sum"}, lambda e: e(torch.tensor([[1, 2]]), per_sample_weights=torch.ones(2)), ValueError),
         ({}, lambda e: e(torch.tensor([[1.0, 2.0]])), TypeError),
     ],
 )  # fmt: skip
@@ -612,3 +607,158 @@ def test_load_checkpoint_refuses_rows_newer_than_the_dense_state(tmp_path):
     # close() checkpointed the later rows, so no dense state matches them
     with mlkv.open(path) as store, pytest.raises(mlkv.MlkvError, match="no dense state"):
         load_checkpoint(store, TinyModel(store), None, dense_dir)
+
+
+# ---- torch's defaults and switches: mode, frozen modules, from_pretrained, max_norm, scale_grad_by_freq ----
+def test_embedding_bag_default_mode_is_torchs_mean(store):
+    t = sgd_table(store)
+    emb = EmbeddingBag(t).eval()
+    assert emb.mode == torch.nn.EmbeddingBag(3, 2).mode == "mean"
+    ref = torch_twin(torch.nn.EmbeddingBag, t)
+    keys = torch.tensor([[1, 2, 2], [3, 5, 8]])
+    torch.testing.assert_close(emb(keys), ref(as_rows(keys.numpy())), rtol=1e-6, atol=1e-7)
+
+
+def test_frozen_module_reads_untracked_and_is_never_trained(store):
+    t = sgd_table(store)
+    a, b = Embedding(t), EmbeddingBag(t, mode="sum")
+    opt = SparseOptimizer([a, b])
+    before = rows_of(t)
+    assert b.requires_grad_(False) is b and not b.requires_grad
+    out = b(torch.tensor([[1, 2]]))
+    assert not out.requires_grad
+    assert t.gets[-1][1] is False and t.outstanding() == 0 and opt.pending_reads == 0
+    # frozen between forward/backward and step(): its rows are released, not updated (torch would skip a
+    # parameter that no longer requires grad only if its grad were gone; here freezing wins)
+    a(torch.tensor([3, 5])).sum().backward()
+    a.requires_grad_(False)
+    opt.step()
+    assert t.updates == [] and [set(k.tolist()) for k, _ in t.releases] == [{3, 5}]
+    assert t.outstanding() == 0
+    np.testing.assert_array_equal(rows_of(t), before)
+    a.requires_grad_(True)
+    a(torch.tensor([3])).sum().backward()
+    opt.step()
+    assert [set(k.tolist()) for k, _ in t.updates] == [{3}]
+
+
+def test_frozen_module_without_optimizer_does_not_warn(store):
+    emb = Embedding(sgd_table(store)).requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        emb(torch.tensor([1]))
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_embedding_from_pretrained_writes_the_rows_and_trains_like_torch(store, freeze):
+    rng = np.random.default_rng(11)
+    weights = torch.from_numpy(rng.standard_normal((6, DIM), dtype=np.float32))
+    keys = np.array([10, 20, -30, 40, 2**40, 60], dtype=np.int64)
+    t = sgd_table(store)
+    emb = Embedding.from_pretrained(t, weights, keys=keys, freeze=freeze)
+    assert emb.requires_grad is (not freeze)
+    np.testing.assert_array_equal(rows_of(t, keys), weights.numpy())
+    opt = SparseOptimizer([emb])
+    ref = torch.nn.Embedding.from_pretrained(weights.clone(), freeze=freeze, sparse=True)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=1.0)
+    idx = np.array([[0, 2, 2], [5, 1, 0]])
+    out, expected = emb(torch.from_numpy(keys[idx])), ref(torch.from_numpy(idx))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert out.requires_grad is expected.requires_grad is (not freeze)
+    if not freeze:
+        out.pow(2).sum().backward()
+        expected.pow(2).sum().backward()
+        ref_opt.step()
+    opt.step()
+    np.testing.assert_allclose(rows_of(t, keys), ref.weight.detach().numpy(), rtol=1e-6, atol=1e-7)
+    assert len(t.updates) == (0 if freeze else 1) and t.outstanding() == 0
+
+
+def test_embedding_bag_from_pretrained_defaults_match_torch(store):
+    weights = torch.arange(4 * DIM, dtype=torch.float32).reshape(4, DIM)
+    t = sgd_table(store)
+    emb = EmbeddingBag.from_pretrained(t, weights)  # keys 0..3, frozen, mode "mean"
+    ref = torch.nn.EmbeddingBag.from_pretrained(weights)
+    assert (emb.mode, emb.requires_grad) == (ref.mode, ref.weight.requires_grad) == ("mean", False)
+    x = torch.tensor([[0, 1, 1], [3, 2, 0]])
+    torch.testing.assert_close(emb(x), ref(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"embeddings must be 2-D \(n, 6\).*got shape \(4, 3\)"):
+        EmbeddingBag.from_pretrained(t, weights[:, :3])
+    with pytest.raises(ValueError, match=r"one key per embedding row, shape \(4,\), got shape \(3,\)"):
+        Embedding.from_pretrained(t, weights, keys=[1, 2, 3])
+
+
+def renorm_setup(store, cls, norm_type, **kw):
+    """A module with max_norm = the median row norm (about half the rows renormalise) and its torch twin."""
+    t = sgd_table(store)
+    max_norm = float(torch.from_numpy(rows_of(t)).norm(p=norm_type, dim=1).median())
+    emb = cls(t, max_norm=max_norm, norm_type=norm_type, padding_idx=PAD, **kw)
+    ref = torch_twin(
+        getattr(torch.nn, cls.__name__), t, padding_idx=PAD, max_norm=max_norm, norm_type=norm_type,
+        sparse=True, **kw,
+    )  # fmt: skip
+    return t, emb, ref
+
+
+def assert_rows_equal_torch(t, ref) -> None:
+    """The stored rows are torch's weight (but the padding key's: torch zeroes it, mlkv never reads it)."""
+    other = UNIVERSE != PAD
+    np.testing.assert_allclose(rows_of(t)[other], ref.weight.detach().numpy()[other], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0])
+@pytest.mark.parametrize(("cls", "kw"), [(Embedding, {}), (EmbeddingBag, {"mode": "sum"})])
+def test_max_norm_renormalises_outputs_and_stored_rows_like_torch(store, cls, kw, norm_type):
+    rng = np.random.default_rng(13)
+    t, emb, ref = renorm_setup(store, cls, norm_type, **kw)
+    opt = SparseOptimizer([emb])
+    before = rows_of(t)
+    keys = torch.from_numpy(rng.choice(UNIVERSE[:8], size=(5, 3)))  # some rows are never looked up
+    out, expected = emb(keys), ref(as_rows(keys.numpy()))
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
+    assert_rows_equal_torch(t, ref)  # torch renormalised its weight in place: the table holds the same rows
+    looked_up = set(keys.flatten().tolist()) - {PAD}
+    changed = set(UNIVERSE[(rows_of(t) != before).any(axis=1)].tolist())
+    assert changed and changed < looked_up, "some looked-up rows exceed max_norm, some do not"
+    assert t.outstanding() == len(looked_up), "writing renormalised rows keeps the optimizer's holds"
+    weights = torch.from_numpy(rng.standard_normal(out.shape, dtype=np.float32))
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    renormed = rows_of(t)
+    opt.step()
+    assert_step_matches(t, renormed, ref, looked_up)
+
+
+def test_max_norm_in_eval_mode_still_renormalises_the_table_as_torch_does(store):
+    t, emb, ref = renorm_setup(store, Embedding, 2.0)
+    emb.eval()
+    keys = torch.from_numpy(UNIVERSE[:6].copy())
+    with torch.no_grad():
+        torch.testing.assert_close(emb(keys), ref(as_rows(keys.numpy())), rtol=1e-6, atol=1e-7)
+    assert_rows_equal_torch(t, ref)
+    assert t.outstanding() == 0
+
+
+@pytest.mark.parametrize(
+    ("cls", "kw"), [(Embedding, {}), (EmbeddingBag, {"mode": "sum"}), (EmbeddingBag, {})]
+)
+def test_scale_grad_by_freq_matches_torch(store, cls, kw):
+    rng = np.random.default_rng(17)
+    t = sgd_table(store)
+    emb = cls(t, scale_grad_by_freq=True, **kw)
+    opt = SparseOptimizer([emb])
+    # torch refuses scale_grad_by_freq with sparse gradients; its dense gradient holds the same rows
+    ref = torch_twin(getattr(torch.nn, cls.__name__), t, scale_grad_by_freq=True, **kw)
+    keys = torch.tensor([[1, 1, 1, 2], [2, 3, 1, 5]])  # key 1 four times, key 2 twice
+    before = rows_of(t)
+    out, expected = emb(keys), ref(as_rows(keys.numpy()))
+    weights = torch.from_numpy(rng.standard_normal(out.shape, dtype=np.float32))
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    opt.step()
+    assert_step_matches(t, before, ref, {1, 2, 3, 5})
+
+
+def test_scale_grad_by_freq_is_refused_in_max_mode(store):
+    with pytest.raises(ValueError, match=r"scale_grad_by_freq.*mode='max'"):
+        EmbeddingBag(sgd_table(store), mode="max", scale_grad_by_freq=True)

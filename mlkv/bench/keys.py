@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ..errors import InvalidArgumentError
+
 DISTRIBUTIONS = ("zipf", "uniform")
 
 
@@ -27,11 +29,11 @@ class KeyStream:
         pool_keys: int = 1 << 21,
     ):
         if dist not in DISTRIBUTIONS:
-            raise ValueError(f"dist must be one of {DISTRIBUTIONS}, got {dist!r}")
+            raise InvalidArgumentError(f"dist must be one of {DISTRIBUTIONS}, got {dist!r}")
         if dist == "zipf" and alpha <= 0:
-            raise ValueError(f"zipf alpha must be > 0, got {alpha}")
+            raise InvalidArgumentError(f"zipf alpha must be > 0, got {alpha}")
         if batch <= 0:
-            raise ValueError(f"batch must be a positive int, got {batch}")
+            raise InvalidArgumentError(f"batch must be a positive int, got {batch}")
         rng = np.random.default_rng(seed)
         n = len(keys)
         n_batches = max(8, -(-min(pool_keys, 2 * n) // batch))

@@ -35,6 +35,7 @@ import mlkv
 
 from ..engine import ENGINES
 from ..engine.key_index import hash64
+from ..errors import InvalidArgumentError
 from . import lookahead_bench
 from .keys import DISTRIBUTIONS, KeyStream
 from .lookahead_bench import evict_store
@@ -399,23 +400,25 @@ def machine(root: str) -> dict:
 def _check(cfg: BenchConfig) -> None:
     for e in cfg.engines:
         if e not in ENGINES:
-            raise ValueError(f"unknown engine {e!r}; engines: {', '.join(ENGINES)}")
+            raise InvalidArgumentError(f"unknown engine {e!r}; engines: {', '.join(ENGINES)}")
     if cfg.keys < 1 or cfg.dim < 1 or cfg.batch < 1:
-        raise ValueError("--keys, --dim and --batch must be positive")
+        raise InvalidArgumentError("--keys, --dim and --batch must be positive")
     if cfg.seconds <= 0 or cfg.cold_seconds <= 0 or not 0 < cfg.small_tier <= 1:
-        raise ValueError("--seconds and --cold-seconds must be > 0 and --small-tier in (0, 1]")
+        raise InvalidArgumentError("--seconds and --cold-seconds must be > 0 and --small-tier in (0, 1]")
     if cfg.only not in (None, "store", "lookahead"):
-        raise ValueError(f"--only must be 'store' or 'lookahead', got {cfg.only!r}")
+        raise InvalidArgumentError(f"--only must be 'store' or 'lookahead', got {cfg.only!r}")
     if not cfg.depths or min(cfg.depths) < 0 or 0 not in cfg.depths:
-        raise ValueError(f"--lookahead must list depths >= 0 including 0, got {cfg.depths}")
+        raise InvalidArgumentError(f"--lookahead must list depths >= 0 including 0, got {cfg.depths}")
     if cfg.threads < 1 or cfg.io_threads < 1 or cfg.la_repeats < 1 or cfg.la_warmup < 0:
-        raise ValueError("--threads, --io-threads and --la-repeats must be >= 1, --la-warmup >= 0")
+        raise InvalidArgumentError("--threads, --io-threads and --la-repeats must be >= 1, --la-warmup >= 0")
     if cfg.la_batches < cfg.threads or cfg.compute_ms < 0:
-        raise ValueError("--la-batches must be >= --threads and --compute-ms >= 0")
+        raise InvalidArgumentError("--la-batches must be >= --threads and --compute-ms >= 0")
     if not cfg.la_regimes or any(r not in lookahead_bench.REGIMES for r in cfg.la_regimes):
-        raise ValueError(f"--la-regimes must be a comma list of {', '.join(lookahead_bench.REGIMES)}")
+        raise InvalidArgumentError(
+            f"--la-regimes must be a comma list of {', '.join(lookahead_bench.REGIMES)}"
+        )
     if cfg.la_engine not in lookahead_bench.ENGINES:
-        raise ValueError(f"--la-engine must be one of {', '.join(lookahead_bench.ENGINES)}")
+        raise InvalidArgumentError(f"--la-engine must be one of {', '.join(lookahead_bench.ENGINES)}")
 
 
 def run_store_bench(cfg: BenchConfig) -> dict:

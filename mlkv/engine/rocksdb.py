@@ -68,11 +68,15 @@ from rocksdict import (
 from ..durable_files import drop_from_page_cache
 from ..errors import (
     CorruptionError,
+    InternalError,
+    InvalidArgumentError,
+    InvalidTypeError,
     ReadOnlyError,
     SchemaError,
     StorageFullError,
     StorageIOError,
     StoreClosedError,
+    UnknownTableError,
 )
 from ..faults import crash_point
 from .base import Engine
@@ -301,17 +305,17 @@ class RocksDBEngine(Engine):
         try:
             return self._tables[table]
         except KeyError:
-            raise KeyError(f"no table {table!r} in {self.path}") from None
+            raise UnknownTableError(f"no table {table!r} in {self.path}") from None
 
     @staticmethod
     def _keys(keys: np.ndarray) -> np.ndarray:
         keys = np.asarray(keys)
         if keys.ndim != 1:
-            raise ValueError(f"keys must be 1-D, got shape {keys.shape}")
+            raise InvalidArgumentError(f"keys must be 1-D, got shape {keys.shape}")
         if keys.dtype == np.uint64:
             return keys
         if keys.size and not (keys.dtype.kind in "iu" and keys.min() >= 0):
-            raise TypeError(f"keys must be uint64 (or non-negative integers), got {keys.dtype}")
+            raise InvalidTypeError(f"keys must be uint64 (or non-negative integers), got {keys.dtype}")
         return keys.astype(np.uint64)
 
     def _decode_rows(
@@ -394,11 +398,11 @@ class RocksDBEngine(Engine):
                 return
             self._writable_db()
             if not isinstance(table, str) or not table:
-                raise ValueError(f"table name must be a non-empty str, got {table!r}")
+                raise InvalidArgumentError(f"table name must be a non-empty str, got {table!r}")
             if int(row_bytes) != row_bytes or row_bytes <= 0:
-                raise ValueError(f"row_bytes must be a positive int, got {row_bytes!r}")
+                raise InvalidArgumentError(f"row_bytes must be a positive int, got {row_bytes!r}")
             if self._next_table_id > _MAX_TABLE_ID:
-                raise RuntimeError("table ids exhausted")
+                raise InternalError(f"table ids exhausted: {self.path} has created {_MAX_TABLE_ID} tables")
             self._tables[table] = (self._next_table_id, int(row_bytes))
             self._next_table_id += 1
 
@@ -466,9 +470,9 @@ class RocksDBEngine(Engine):
         keys = self._keys(keys)
         rows = np.asarray(rows)
         if rows.dtype != np.uint8:
-            raise TypeError(f"rows must be uint8, got {rows.dtype}")
+            raise InvalidTypeError(f"rows must be uint8, got {rows.dtype}")
         if rows.shape != (len(keys), row_bytes):
-            raise ValueError(f"rows must have shape ({len(keys)}, {row_bytes}), got {rows.shape}")
+            raise InvalidArgumentError(f"rows must have shape ({len(keys)}, {row_bytes}), got {rows.shape}")
         if len(keys):
             self._stage(table, keys, _frame_rows(np.ascontiguousarray(rows)), _STAGED_ROW)
 
@@ -498,7 +502,7 @@ class RocksDBEngine(Engine):
 
     def scan(self, table: str, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InvalidArgumentError(f"batch_size must be >= 1, got {batch_size}")
         self._live_db()
         with self._lock:  # both iterators see the same state (a checkpoint holds the lock)
             table_id, row_bytes = self._table(table)

@@ -1,7 +1,11 @@
 """Adagrad with one accumulator per weight, matching torch.optim.Adagrad on sparse gradients.
 
 The float32 operation order mirrors torch's sparse branch (`_single_tensor_adagrad`):
-sum += g*g; std = sqrt(sum) + eps; w += -lr * (g / std).
+g += weight_decay * w; sum += g*g; std = sqrt(sum) + eps; w += -lr * (g / std).
+
+Weight decay (L2, torch's formula) is applied to the rows of the update only: a row decays when it gets a
+gradient. torch refuses weight_decay with sparse gradients; with every row in every update this equals
+torch.optim.Adagrad(weight_decay=...) on a dense nn.Embedding.
 """
 
 from __future__ import annotations
@@ -19,17 +23,20 @@ class Adagrad(Optimizer):
     lr: float
     eps: float = 1e-10
     initial_accumulator_value: float = 0.0
+    weight_decay: float = 0.0
 
     kind: ClassVar[str] = "adagrad"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "lr", check_real("lr", self.lr, low=0.0, low_inclusive=False))
+        object.__setattr__(self, "lr", check_real("lr", self.lr, low=0.0, low_inclusive=True))
         # eps > 0 (torch allows 0): a zero gradient on a zero accumulator must give 0, not 0/0 = nan
         object.__setattr__(self, "eps", check_real("eps", self.eps, low=0.0, low_inclusive=False))
         value = check_real(
             "initial_accumulator_value", self.initial_accumulator_value, low=0.0, low_inclusive=True
         )
         object.__setattr__(self, "initial_accumulator_value", value)
+        wd = check_real("weight_decay", self.weight_decay, low=0.0, low_inclusive=True)
+        object.__setattr__(self, "weight_decay", wd)
 
     def state_width(self, dim: int) -> int:
         return dim
@@ -42,6 +49,8 @@ class Adagrad(Optimizer):
 
     def apply(self, rows: np.ndarray, grads: np.ndarray, step: int) -> None:
         w, acc, g = split_rows(self, rows, grads)
+        if self.weight_decay:
+            g = g + np.float32(self.weight_decay) * w
         acc += g * g
         std = np.sqrt(acc)
         std += np.float32(self.eps)
@@ -55,4 +64,5 @@ class Adagrad(Optimizer):
             "lr": self.lr,
             "eps": self.eps,
             "initial_accumulator_value": self.initial_accumulator_value,
+            "weight_decay": self.weight_decay,
         }

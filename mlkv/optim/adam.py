@@ -29,7 +29,7 @@ class Adam(Optimizer):
     kind: ClassVar[str] = "adam"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "lr", check_real("lr", self.lr, low=0.0, low_inclusive=False))
+        object.__setattr__(self, "lr", check_real("lr", self.lr, low=0.0, low_inclusive=True))
         object.__setattr__(self, "eps", check_real("eps", self.eps, low=0.0, low_inclusive=False))
         betas = self.betas
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:

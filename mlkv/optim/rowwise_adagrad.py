@@ -22,7 +22,7 @@ class RowWiseAdagrad(Optimizer):
     kind: ClassVar[str] = "rowwise_adagrad"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "lr", check_real("lr", self.lr, low=0.0, low_inclusive=False))
+        object.__setattr__(self, "lr", check_real("lr", self.lr, low=0.0, low_inclusive=True))
         # eps > 0 (torch allows 0): a zero gradient on a zero accumulator must give 0, not 0/0 = nan
         object.__setattr__(self, "eps", check_real("eps", self.eps, low=0.0, low_inclusive=False))
 

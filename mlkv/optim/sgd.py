@@ -1,4 +1,9 @@
-"""Plain SGD: no state, w -= lr * g (what torch.optim.SGD does to an nn.Embedding(sparse=True))."""
+"""Plain SGD: no state, w -= lr * (g + weight_decay * w) (torch.optim.SGD on an nn.Embedding(sparse=True)).
+
+Weight decay (L2, torch's formula `g += weight_decay * w`) is applied to the rows of the update only: a row
+decays when it gets a gradient. torch refuses weight_decay with sparse gradients; with every row in every
+update this equals torch.optim.SGD(weight_decay=...) on a dense nn.Embedding.
+"""
 
 from __future__ import annotations
 
@@ -13,18 +18,23 @@ from .base import Optimizer, check_real, split_rows
 @dataclass(frozen=True)
 class SGD(Optimizer):
     lr: float
+    weight_decay: float = 0.0
 
     kind: ClassVar[str] = "sgd"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "lr", check_real("lr", self.lr, low=0.0, low_inclusive=False))
+        object.__setattr__(self, "lr", check_real("lr", self.lr, low=0.0, low_inclusive=True))
+        wd = check_real("weight_decay", self.weight_decay, low=0.0, low_inclusive=True)
+        object.__setattr__(self, "weight_decay", wd)
 
     def state_width(self, dim: int) -> int:
         return 0
 
     def apply(self, rows: np.ndarray, grads: np.ndarray, step: int) -> None:
         w, _, g = split_rows(self, rows, grads)
+        if self.weight_decay:
+            g = g + np.float32(self.weight_decay) * w
         w -= np.float32(self.lr) * g
 
     def config(self) -> dict[str, Any]:
-        return {"kind": self.kind, "lr": self.lr}
+        return {"kind": self.kind, "lr": self.lr, "weight_decay": self.weight_decay}

@@ -24,7 +24,7 @@ import numba
 import numpy as np
 
 from ..engine.key_index import KeyIndex, dedup, unique_inverse, unique_keys
-from ..errors import InvalidArgumentError, MlkvError
+from ..errors import InvalidArgumentError, InvalidTypeError, MlkvError
 from .memory_tier import MemoryTier
 from .staleness import StalenessGate
 from .validate import as_keys, as_rows
@@ -330,13 +330,22 @@ class Table:
             self._consume(slots)
             return rows[inv, : self.dim]
 
-    def update(self, keys, grads, reader: Hashable | None = None) -> None:
-        """Apply the table's optimizer with `grads` (len(keys), dim); duplicate keys' grads are summed."""
+    def update(self, keys, grads, reader: Hashable | None = None, optimizer=None) -> None:
+        """Apply the table's optimizer with `grads` (len(keys), dim); duplicate keys' grads are summed.
+
+        `optimizer`: an mlkv.optim optimizer of the table's kind to apply instead of the table's own for this
+        update only (SparseOptimizer passes its param group's learning rate this way); the table's optimizer,
+        its schema and the state layout are unchanged."""
         k = as_keys(keys)
         st = self._store
         st._check_writable(self)
         if self.optimizer is None:
             raise MlkvError(f"table {self.name!r} was created with optimizer=None and is not trainable")
+        if optimizer is not None and type(optimizer) is not type(self.optimizer):
+            raise InvalidTypeError(
+                f"optimizer must be a {type(self.optimizer).__name__} like table {self.name!r}'s own, "
+                f"got {type(optimizer).__name__}"
+            )
         g = as_rows(grads, len(k), self.dim, "grads")
         if len(k) == 0:
             return
@@ -348,7 +357,7 @@ class Table:
             _sum_by_inverse(inv, g, summed)
             slots, rows = self._gather(uk, True)
             self.step += 1
-            self.optimizer.apply(rows, summed, self.step)
+            (self.optimizer if optimizer is None else optimizer).apply(rows, summed, self.step)
             self._store_rows(uk, slots, rows)
             self._gate.resolve(uk, self._reader(reader))
 

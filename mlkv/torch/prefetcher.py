@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import InvalidArgumentError
+from ..errors import InternalError, InvalidArgumentError, InvalidTypeError
 
 #: how long interpreter exit waits for each worker to notice its stop event
 EXIT_JOIN_SECONDS = 1.0
@@ -92,7 +92,7 @@ class _Worker:
                     return
                 wanted = self._keys(batch)
                 if not isinstance(wanted, Mapping):
-                    raise TypeError(
+                    raise InvalidTypeError(
                         f"keys(batch) must return a mapping table name -> keys, got {type(wanted).__name__}"
                     )
                 for name, k in wanted.items():
@@ -144,7 +144,7 @@ class _PrefetchIterator(Iterator):
             except queue.Empty:
                 if not w.alive and w.queue.empty() and not w.stop_event.is_set():
                     self.close()
-                    raise RuntimeError("the prefetch thread ended without a result") from None
+                    raise InternalError("the prefetch thread ended without a result") from None
         if item is _END:
             self.close()
             raise StopIteration
@@ -191,9 +191,13 @@ class Prefetcher:
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise InvalidArgumentError(f"depth must be an int >= 1, got {depth!r}")
         if not callable(keys):
-            raise TypeError(f"keys must be a callable batch -> {{table: keys}}, got {type(keys).__name__}")
+            raise InvalidTypeError(
+                f"keys must be a callable batch -> {{table: keys}}, got {type(keys).__name__}"
+            )
         if not (isinstance(tables, Mapping) or hasattr(tables, "table")):
-            raise TypeError(f"tables must be a Store or a mapping name -> Table, got {type(tables).__name__}")
+            raise InvalidTypeError(
+                f"tables must be a Store or a mapping name -> Table, got {type(tables).__name__}"
+            )
         self.loader = loader
         self.keys = keys
         self.tables = tables

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..errors import InvalidArgumentError
 from ..init import Normal
 from .criteo import (
     DENSE_MISSING,
@@ -61,9 +62,9 @@ class SynthSpec:
 
     def __post_init__(self) -> None:
         if not 0 < self.scale <= 1:
-            raise ValueError(f"scale must be in (0, 1], got {self.scale}")
+            raise InvalidArgumentError(f"scale must be in (0, 1], got {self.scale}")
         if self.zipf <= 0:
-            raise ValueError(f"zipf exponent must be > 0, got {self.zipf}")
+            raise InvalidArgumentError(f"zipf exponent must be > 0, got {self.zipf}")
 
     def cardinalities(self) -> list[int]:
         return [min(c, max(MIN_CARDINALITY, round(c * self.scale))) for c in KAGGLE_CARDINALITIES]

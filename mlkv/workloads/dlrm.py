@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..errors import InvalidArgumentError
 from . import criteo_stream, criteo_synth
 from .criteo import CAT_COLUMNS, N_CAT, N_DENSE, CriteoBatch
 from .criteo_stream import CriteoStream, Span
@@ -47,7 +48,7 @@ class DLRM(nn.Module):
     def __init__(self, tables, dim: int, bottom: tuple[int, ...] = (64,), top: tuple[int, ...] = (128, 64)):
         super().__init__()
         self.bottom = mlp([N_DENSE, *bottom, dim], last_relu=True)
-        self.embeddings = nn.ModuleList(tables.embedding_bag(f"dlrm.{c}") for c in CAT_COLUMNS)
+        self.embeddings = nn.ModuleList(tables.embedding_bag(f"dlrm.{c}", mode="sum") for c in CAT_COLUMNS)
         n = N_CAT + 1
         li, lj = torch.tril_indices(n, n, offset=-1)
         self.register_buffer("li", li, persistent=False)
@@ -96,14 +97,14 @@ class DLRMWorkload(Workload):
     def _use_files(self, args) -> None:
         files = criteo_stream.expand_paths(args.data)
         test_files = criteo_stream.expand_paths(args.test_data) if args.test_data else []
-        if test_files:
+        if test_files or getattr(args, "parse_only", False):  # --parse-only reads every --data file whole
             self.train_spans = [Span(f) for f in files]
             self.test_spans = [Span(f) for f in test_files]
         elif len(files) > 1:  # several files (days): the last one is the test data
             self.train_spans, self.test_spans = [Span(f) for f in files[:-1]], [Span(files[-1])]
         else:
             if not 0 < args.test_fraction < 1:
-                raise ValueError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
+                raise InvalidArgumentError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
             head, tail = criteo_stream.tail_split(files[0], args.test_fraction)
             self.train_spans, self.test_spans = [head], [tail]
         self.n_train = args.max_samples  # unknown until read, unless capped
@@ -161,7 +162,7 @@ class DLRMWorkload(Workload):
     def shard(self, batch: Batch, rank: int, world_size: int) -> Batch:
         n = batch["size"]
         if n < world_size:
-            raise ValueError(f"a batch of {n} samples cannot be shared by {world_size} ranks")
+            raise InvalidArgumentError(f"a batch of {n} samples cannot be shared by {world_size} ranks")
         lo, hi = n * rank // world_size, n * (rank + 1) // world_size
         part = {k: batch[k][lo:hi] for k in ("dense", "cats", "labels")}
         return {**part, "size": hi - lo, "global_size": n}

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..errors import InvalidArgumentError
 from . import graph_data
 from .metrics import roc_auc
 from .tables import TableSpec
@@ -88,7 +89,9 @@ class GNNWorkload(Workload):
 
     def __init__(self, args: argparse.Namespace):
         if len(args.fanout) != args.layers:
-            raise ValueError(f"--fanout needs one number per layer ({args.layers}), got {args.fanout}")
+            raise InvalidArgumentError(
+                f"--fanout needs one number per layer ({args.layers}), got {args.fanout}"
+            )
         self.data = graph_data.load_movielens()
         self.dim, self.layers, self.fanouts, self.lr = args.dim, args.layers, list(args.fanout), args.lr
         self.batch_size, self.seed = args.batch_size, args.seed

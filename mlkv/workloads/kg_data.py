@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import InvalidArgumentError
 from .sources import wheel_file, wordnet_file
 
 DATASETS = ("nations", "kinships", "umls", "ml100k-kg", "wordnet")
@@ -43,7 +44,7 @@ class KGDataset:
 
     def split(self, name: str) -> np.ndarray:
         if name not in ("train", "valid", "test"):
-            raise ValueError(f"split must be train, valid or test, got {name!r}")
+            raise InvalidArgumentError(f"split must be train, valid or test, got {name!r}")
         return getattr(self, name)
 
 
@@ -54,7 +55,9 @@ def _read_tsv(path: str, skip_header: bool = False) -> np.ndarray:
     rows = [ln.split("\t") for ln in lines if ln.strip()]
     bad = next((i for i, r in enumerate(rows) if len(r) != 3), None)
     if bad is not None:
-        raise ValueError(f"{path}: line {bad + 1 + skip_header} has {len(rows[bad])} fields, expected 3")
+        raise InvalidArgumentError(
+            f"{path}: line {bad + 1 + skip_header} has {len(rows[bad])} fields, expected 3"
+        )
     return np.array(rows, dtype=str).reshape(-1, 3)
 
 
@@ -140,7 +143,7 @@ def load(name: str) -> KGDataset:
         return _ml100k_kg()
     if name == "wordnet":
         return _wordnet()
-    raise ValueError(f"unknown knowledge graph {name!r}; choose one of {', '.join(DATASETS)}")
+    raise InvalidArgumentError(f"unknown knowledge graph {name!r}; choose one of {', '.join(DATASETS)}")
 
 
 __all__ = ["DATASETS", "KGDataset", "load"]

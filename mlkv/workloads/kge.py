@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..errors import InvalidArgumentError
 from . import kg_data
 from .metrics import filtered_ranks, ranking_metrics
 from .tables import TableSpec
@@ -110,9 +111,11 @@ class KGEWorkload(Workload):
 
     def __init__(self, args: argparse.Namespace):
         if args.model not in SCORERS:
-            raise ValueError(f"--model must be one of {', '.join(SCORERS)}, got {args.model!r}")
+            raise InvalidArgumentError(f"--model must be one of {', '.join(SCORERS)}, got {args.model!r}")
         if args.model == "complex" and args.dim % 2:
-            raise ValueError(f"ComplEx needs an even --dim (real and imaginary halves), got {args.dim}")
+            raise InvalidArgumentError(
+                f"ComplEx needs an even --dim (real and imaginary halves), got {args.dim}"
+            )
         self.data = kg_data.load(args.dataset)
         self.kind, self.dim, self.lr, self.reg = args.model, args.dim, args.lr, args.reg
         self.batch_size, self.n_neg, self.seed = args.batch_size, args.negatives, args.seed
@@ -150,7 +153,7 @@ class KGEWorkload(Workload):
         """This rank's triples; the shared negatives go to every rank (each triple scores against all)."""
         n = batch["size"]
         if n < world_size:
-            raise ValueError(f"a batch of {n} triples cannot be shared by {world_size} ranks")
+            raise InvalidArgumentError(f"a batch of {n} triples cannot be shared by {world_size} ranks")
         lo, hi = n * rank // world_size, n * (rank + 1) // world_size
         ent = batch["entities"]
         parts = (ent[lo:hi], ent[n + lo : n + hi], ent[2 * n :])

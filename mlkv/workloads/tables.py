@@ -19,6 +19,8 @@ from torch import nn
 import mlkv
 import mlkv.torch
 
+from ..errors import InvalidArgumentError
+
 
 @dataclass(frozen=True)
 class TableSpec:
@@ -35,7 +37,7 @@ class TableSpec:
         if self.rows is not None:
             return np.arange(self.rows, dtype=np.int64)
         if self.vocabulary is None:
-            raise ValueError("a TableSpec needs rows= or vocabulary= for the in-memory baseline")
+            raise InvalidArgumentError("a TableSpec needs rows= or vocabulary= for the in-memory baseline")
         return np.asarray(self.vocabulary(), dtype=np.int64)
 
 
@@ -61,7 +63,7 @@ class MlkvTables:
     def embedding(self, name: str) -> nn.Module:
         return mlkv.torch.Embedding(self.table(name))
 
-    def embedding_bag(self, name: str, mode: str = "sum") -> nn.Module:
+    def embedding_bag(self, name: str, mode: str = "mean") -> nn.Module:
         return mlkv.torch.EmbeddingBag(self.table(name), mode=mode)
 
     def sparse_optimizer(self, model: nn.Module) -> mlkv.torch.SparseOptimizer:
@@ -86,7 +88,9 @@ class _KeyToRow(nn.Module):
         idx = torch.searchsorted(self.vocab, keys).clamp_(max=len(self.vocab) - 1)
         if not bool((self.vocab[idx] == keys).all()):
             bad = keys[self.vocab[idx] != keys][0]
-            raise KeyError(f"key {int(bad)} of table {self.table!r} is not in the baseline's vocabulary")
+            raise InvalidArgumentError(
+                f"key {int(bad)} of table {self.table!r} is not in the baseline's vocabulary"
+            )
         return idx
 
 
@@ -143,7 +147,7 @@ class TorchTables:
         self._weights[name] = m.inner.weight
         return m
 
-    def embedding_bag(self, name: str, mode: str = "sum") -> nn.Module:
+    def embedding_bag(self, name: str, mode: str = "mean") -> nn.Module:
         m = _BaselineEmbeddingBag(*self._weight(name), name, mode)
         self._weights[name] = m.inner.weight
         return m

@@ -97,7 +97,9 @@ def test_files_that_only_look_like_table_files_are_left_alone(tmp_path):
     for name in ("train.log", "t0.slab.bak", "tables.snap", "t1.x.log"):
         with open(os.path.join(path, name), "w") as f:
             f.write("mine")
-    mlkv.open(path).close()
+    with mlkv.open(path) as store:  # a checkpoint, after which cleanup runs
+        store.table("a").update(np.arange(3), np.ones((3, DIM), dtype=np.float32))
+        store.checkpoint()
     for name in ("train.log", "t0.slab.bak", "tables.snap", "t1.x.log"):
         assert os.path.exists(os.path.join(path, name)), name
 
@@ -109,12 +111,17 @@ def test_a_crash_before_the_first_checkpoint_still_reopens_empty(tmp_path, crash
     store.flush()
     crash_store(store)
     assert os.path.exists(os.path.join(path, "t0.slab"))
-    with mlkv.open(path) as store:  # files written after the (initial) manifest are garbage: removed
+    with mlkv.open(path) as store:  # t0 was created after the (initial) manifest: not part of the store
         assert store.tables() == []
-    assert not os.path.exists(os.path.join(path, "t0.slab"))
+        assert os.path.exists(os.path.join(path, "t0.slab"))  # opening deletes nothing
+        store.table("b", dim=2).put([1], np.ones((1, 2), dtype=np.float32))
+        store.checkpoint()  # the committed manifest does not name t0: removed after the commit
+        assert sorted(f for f in os.listdir(path) if f.startswith("t")) == ["t1.0.log", "t1.slab"]
+    with mlkv.open(path) as store:
+        assert store.tables() == ["b"] and len(store.table("b")) == 1
 
 
-def test_superseded_and_uncommitted_files_are_removed_on_reopen(tmp_path, crash_store):
+def test_a_crashed_process_files_go_with_the_next_checkpoint_not_the_open(tmp_path, crash_store):
     path = str(tmp_path / "s")
     oracle = _fill(path)
     store = mlkv.open(path)
@@ -124,11 +131,16 @@ def test_superseded_and_uncommitted_files_are_removed_on_reopen(tmp_path, crash_
     crash_store(store)
     with open(os.path.join(path, "t0.7.log"), "wb") as f:  # a generation a crashed checkpoint began
         f.write(b"x")
+    before = _files(path)
     with mlkv.open(path) as store:
         assert store_snapshot(store) == oracle
+        assert _files(path) == before  # opening deleted nothing
+        store.table("d", dim=2).put([1], np.ones((1, 2), dtype=np.float32))  # id 3: t2 is never reused
+        store.checkpoint()
     assert not os.path.exists(os.path.join(path, "t0.7.log"))
     assert not os.path.exists(os.path.join(path, "t2.slab"))  # "c": created after the checkpoint
     assert os.path.exists(os.path.join(path, "t1.slab"))  # "b": its drop was never committed
+    assert os.path.exists(os.path.join(path, "t3.slab"))
 
 
 def test_missing_marker_with_table_files_refuses_to_open(tmp_path, capsys):

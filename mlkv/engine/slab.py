@@ -16,12 +16,12 @@ that has table files always has a manifest. Hence:
   deleted or created. A damaged manifest (bad magic, version, length or CRC-32) raises the same way.
 - a file the manifest names is missing (`.slab`, `.snap`, or a `.log` it commits bytes of): CorruptionError
   naming the file; nothing is created in its place.
-- with a valid manifest, and only once every table it names has loaded, a writable open (and each checkpoint
-  after its commit) deletes exactly the files matching those patterns that the manifest does not name:
-  tables with id >= next_id (created after that checkpoint by a process that then died), ids below next_id
-  it does not name (their drop was committed: ids are never reused), and generations other than the
-  committed one of a named table (superseded, or begun by a checkpoint that never committed). Nothing the
-  manifest references, and no file of any other name, is ever deleted; readonly opens delete nothing.
+- opening never deletes a file. Files are deleted only right after a checkpoint has committed a manifest,
+  and only those matching the patterns above that this manifest does not name: tables created after the
+  previous checkpoint by a process that then died (a writable open moves next_id past their ids, so they
+  are never reused), tables whose drop it commits (ids are never reused), and generations of a named table
+  other than its committed one (superseded, or begun by a checkpoint that never committed). Nothing the
+  committed manifest references, and no file of any other name, is ever deleted.
 """
 
 from __future__ import annotations
@@ -233,14 +233,14 @@ class SlabEngine(Engine):
             raise
         self._dropped: list[_SlabTable] = []
         self._failed: OSError | None = None  # a checkpoint failure that rules out further checkpoints
-        if not readonly:
-            self._remove_orphans()
+        if not readonly:  # table files of ids the manifest has not issued: a crashed process's, never reused
+            for f in table_files(path):
+                self._next_id = max(self._next_id, int(f[1:].split(".")[0]) + 1)
         self.recovery_seconds = time.perf_counter() - start
 
     def _remove_orphans(self) -> None:
-        """Delete the table files the valid manifest just read or committed does not name (module header).
-
-        Only called with such a manifest and with `_tables` exactly the tables it names."""
+        """Delete the table files the manifest just committed does not name (module header); `_tables` are
+        exactly the tables it names."""
         keep = set()
         for t in self._tables.values():
             keep |= t.files()

@@ -176,6 +176,20 @@ def test_rocksdb_without_current_refuses_to_open_and_deletes_nothing(tmp_path, c
     assert rc == 1 and "CURRENT" in out
 
 
+def test_rocksdb_creation_cut_short_by_a_crash_still_opens(tmp_path):
+    """RocksDB's first files (no CURRENT, no tables, no log yet) hold nothing to lose: created anew."""
+    path = str(tmp_path / "s")
+    mlkv.open(path, engine="rocksdb").close()
+    db = os.path.join(path, "rocksdb")
+    for name in os.listdir(db):
+        if name not in ("IDENTITY", "LOG", "LOCK") and not name.startswith("OPTIONS"):
+            os.remove(os.path.join(db, name))
+    with mlkv.open(path, engine="rocksdb") as store:
+        store.table("a", dim=2).put([1], np.ones((1, 2), dtype=np.float32))
+    with mlkv.open(path, engine="rocksdb") as store:
+        assert len(store.table("a")) == 1
+
+
 def test_rocksdb_directory_missing_is_damage_for_check(tmp_path, capsys):
     path = str(tmp_path / "s")
     _fill(path, "rocksdb")

@@ -234,19 +234,21 @@ class RocksDBEngine(Engine):
         self.recovery_seconds = time.perf_counter() - start
 
     def _check_database(self, readonly: bool) -> None:
-        """Refuse a database directory without CURRENT, RocksDB's root: given create_if_missing, RocksDB would
-        start an empty database there and its next open would delete the old one's files as obsolete.
-        Only a directory that does not exist yet (a new store) is created; a readonly open needs CURRENT."""
+        """Refuse a database directory that holds RocksDB data files (tables *.sst, write-ahead logs
+        <number>.log) but not CURRENT, RocksDB's root: given create_if_missing, RocksDB would start an empty
+        database there and its next open would delete those files as obsolete. A directory without data
+        files (a new store, or one whose creation a crash cut short) is created; readonly needs CURRENT."""
         current = os.path.join(self.path, "CURRENT")
         if os.path.exists(current):
             return
-        if os.path.isdir(self.path) and os.listdir(self.path):
-            found = ", ".join(sorted(os.listdir(self.path))[:4])
+        names = os.listdir(self.path) if os.path.isdir(self.path) else []
+        data = sorted(f for f in names if f.endswith(".sst") or (f.endswith(".log") and f[:-4].isdigit()))
+        if data:
             raise CorruptionError(
                 current,
                 None,
-                f"RocksDB's CURRENT file is missing, but the database directory holds {found}"
-                "; refusing to open (RocksDB would start an empty database and delete these files)",
+                f"RocksDB's CURRENT file is missing, but the database directory holds its data files "
+                f"({', '.join(data[:4])}); not opened (RocksDB would start a new database and delete them)",
             )
         if readonly:
             raise CorruptionError(self.path, None, "the RocksDB database is missing (no CURRENT file)")

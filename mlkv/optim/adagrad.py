@@ -20,6 +20,27 @@ from .base import Optimizer, check_real, split_rows
 
 @dataclass(frozen=True)
 class Adagrad(Optimizer):
+    r"""Adagrad with one accumulator per weight, the same float32 arithmetic as ``torch.optim.Adagrad``
+    on sparse gradients: :math:`s \leftarrow s + g^2`,
+    :math:`w \leftarrow w - lr\, g / (\sqrt{s} + \epsilon)`.
+
+    The accumulator is stored in the row beside the embedding (``optimizer_state(keys)["sum"]``).
+
+    Args:
+        lr (float): learning rate, >= 0.
+        eps (float): added to the denominator, > 0 (torch allows 0; here a zero gradient on a zero
+            accumulator must stay 0). Default: ``1e-10``.
+        initial_accumulator_value (float): starting value of the accumulator, >= 0. Default: ``0.0``.
+        weight_decay (float): L2 penalty (torch's formula), applied to the rows of the update only.
+            Default: ``0.0``.
+
+    Raises:
+        InvalidArgumentError: a hyper-parameter is not a finite number in its range (the message names it).
+
+    Shape:
+        - state per row: :math:`\text{dim}` floats.
+    """
+
     lr: float
     eps: float = 1e-10
     initial_accumulator_value: float = 0.0

@@ -22,6 +22,24 @@ from .base import Optimizer, check_real, split_rows
 
 @dataclass(frozen=True)
 class Adam(Optimizer):
+    r"""Adam with both moments stored in the row, the same float32 arithmetic as ``torch.optim.SparseAdam``.
+
+    Only the rows of an update decay their moments (SparseAdam's approximation); the bias correction uses
+    the table's step counter, which advances once per :meth:`Table.update` and is checkpointed with it.
+
+    Args:
+        lr (float): learning rate, >= 0. Default: ``0.001``.
+        betas (tuple[float, float]): decay rates of the first and second moment, each in [0, 1).
+            Default: ``(0.9, 0.999)``.
+        eps (float): added to the denominator, > 0. Default: ``1e-8``.
+
+    Raises:
+        InvalidArgumentError: a hyper-parameter is not a finite number in its range (the message names it).
+
+    Shape:
+        - state per row: :math:`2 \times \text{dim}` floats (``exp_avg``, ``exp_avg_sq``).
+    """
+
     lr: float = 0.001
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8

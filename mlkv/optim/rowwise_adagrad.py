@@ -16,6 +16,23 @@ from .base import Optimizer, check_real, split_rows
 
 @dataclass(frozen=True)
 class RowWiseAdagrad(Optimizer):
+    r"""Row-wise Adagrad (FBGEMM's ``EXACT_ROWWISE_ADAGRAD``): one accumulator per row,
+    :math:`a \leftarrow a + \operatorname{mean}(g^2)`,
+    :math:`w \leftarrow w - lr\, g / (\sqrt{a} + \epsilon)`.
+
+    A single float of state per row instead of ``dim``: a third of Adagrad's row bytes at dim 64.
+
+    Args:
+        lr (float): learning rate, >= 0.
+        eps (float): added to the denominator, > 0. Default: ``1e-10``.
+
+    Raises:
+        InvalidArgumentError: a hyper-parameter is not a finite number in its range (the message names it).
+
+    Shape:
+        - state per row: 1 float.
+    """
+
     lr: float
     eps: float = 1e-10
 

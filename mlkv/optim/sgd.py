@@ -17,6 +17,23 @@ from .base import Optimizer, check_real, split_rows
 
 @dataclass(frozen=True)
 class SGD(Optimizer):
+    r"""Stochastic gradient descent on the rows of an update: :math:`w \leftarrow w - lr (g + \lambda w)`.
+
+    Same result as ``torch.optim.SGD`` (no momentum) on an ``nn.Embedding(sparse=True)`` holding the rows.
+    Stores no state in the row.
+
+    Args:
+        lr (float): learning rate, >= 0.
+        weight_decay (float): L2 penalty :math:`\lambda` (torch's), applied to the rows of the update
+            only. Default: ``0.0``.
+
+    Raises:
+        InvalidArgumentError: a hyper-parameter is not a finite number in its range (the message names it).
+
+    Shape:
+        - state per row: 0 floats.
+    """
+
     lr: float
     weight_decay: float = 0.0
 

@@ -89,6 +89,37 @@ def _check_marker(path: str, engine: str, create: bool) -> None:
 
 
 class Store:
+    r"""The embedding tables under one path, their shared memory tier, and their checkpoints.
+
+    Usually made by :func:`mlkv.open`, which takes the same arguments and documents each of them. A store
+    is thread-safe: any number of threads may use it and its tables at once.
+
+    Args:
+        path (str or os.PathLike): the store directory (a name only, for ``engine="memory"``).
+        cache_bytes (int or str): byte budget of the memory tier of all tables, e.g. ``"4GiB"``.
+        engine (str): ``"slab"``, ``"rocksdb"`` or ``"memory"``.
+        staleness_bound (int): updates a tracked read may miss, for tables that do not set their own.
+        staleness_timeout (float): seconds a tracked read waits for the bound before
+            :class:`StalenessTimeout`.
+        create (bool): create the store when there is none at `path`.
+        readonly (bool): open for reading only (shared lock; writes raise :class:`ReadOnlyError`).
+        io_threads (int): background threads reading looked-ahead rows.
+
+    Attributes:
+        path (str): the store directory.
+        cache_bytes (int): the memory tier budget in bytes.
+        engine_name (str): the engine.
+        staleness_bound (int): the default bound of its tables.
+        readonly (bool): whether writes are refused.
+
+    Raises:
+        StoreLockedError: another writer holds the store (the message names its pid).
+        CorruptionError: the directory is damaged (the message names file and offset).
+        SchemaError: the directory is a store of another engine.
+        InvalidArgumentError: an argument has a wrong value.
+        FileNotFoundError: no store at `path` and ``create=False`` or ``readonly=True``.
+    """
+
     def __init__(
         self,
         path: str | os.PathLike,
@@ -195,7 +226,46 @@ class Store:
         optimizer: Optimizer | None = None,
         staleness_bound: int | None = None,
     ) -> Table:
-        """Open table `name`, creating it when it does not exist (then `dim` is required)."""
+        r"""Open table `name`, creating it when it does not exist (then `dim` is required).
+
+        Opening a table that is already open returns the same :class:`Table`; a given `optimizer` (of the
+        stored kind) or `staleness_bound` then replaces the current one, e.g. to change the learning rate.
+
+        Args:
+            name (str): the table's name, unique in the store.
+            dim (int, optional): embedding width. Required to create the table; if given for an existing
+                table it must match. Default: ``None``.
+            dtype (str): row dtype; ``"float32"``, the only one stored so far. Default: ``"float32"``.
+            init (optional): how a key never seen gets its first row: ``mlkv.init.Normal(mean, std)``
+                (the default, ``Normal(0.0, 0.01)``), ``mlkv.init.Uniform(low, high)``,
+                ``mlkv.init.Zeros()``, or a callable ``(keys, dim) -> (len(keys), dim)`` array that is
+                deterministic in the keys. Stored with the table; ``None`` reuses the stored one.
+            optimizer (mlkv.optim.Optimizer, optional): the update rule of :meth:`Table.update`, whose
+                state is stored in each row. ``None`` at creation makes the table not trainable; ``None``
+                when reopening reuses the stored optimizer. Default: ``None``.
+            staleness_bound (int, optional): this table's bound (``None``: the store's).
+            admit_after (int, optional): store a key only once it was named by that many tracked reads
+                (1-255; ``None``/1: at once). Before that, reads return its init row and its gradients
+                are dropped (``stats()["grads_dropped"]``).
+            ttl_steps (int, optional): :meth:`Table.expire` deletes rows not written in the table's last
+                `ttl_steps` update steps.
+            max_rows (int, optional): :meth:`Table.expire` deletes the least recently written rows beyond
+                `max_rows`.
+            expire_on_checkpoint (bool, optional): run :meth:`Table.expire` inside every checkpoint.
+
+        Returns:
+            Table: the open table.
+
+        Raises:
+            UnknownTableError: no such table and no `dim` (a ``KeyError``; the message lists the tables
+                and says that ``dim=`` creates it).
+            SchemaError: an existing table opened with another `dim`, `dtype` or optimizer kind (the
+                message states both).
+            ReadOnlyError: creating a table in a readonly store.
+            InvalidArgumentError: an argument has a wrong value (``dim=0``, ``admit_after=300``...).
+            InvalidTypeError: an argument has a wrong type.
+            StoreClosedError: the store is closed.
+        """
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError(f"table name must be a non-empty str, got {name!r}")
         if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0):
@@ -275,11 +345,24 @@ class Store:
         return optimizer
 
     def tables(self) -> list[str]:
+        """The names of the store's tables, sorted.
+
+        Raises:
+            StoreClosedError: the store is closed.
+        """
         with self._lock:
             self._check_open()
             return sorted(self._schemas)
 
     def drop_table(self, name: str) -> None:
+        """Delete table `name` and all its rows (durable at the next checkpoint).
+
+        The :class:`Table` object of a dropped table raises :class:`StoreClosedError` from then on.
+
+        Raises:
+            UnknownTableError: no such table (the message lists the tables).
+            ReadOnlyError: the store is readonly.
+        """
         with self._lock:
             self._enter()
             self._check_writable()
@@ -296,7 +379,11 @@ class Store:
 
     # ---- durability ---------------------------------------------------------------------------------
     def flush(self) -> None:
-        """Write every dirty row of the memory tier to the engine (not yet durable: see checkpoint)."""
+        """Write every dirty row of the memory tier, and every queued write, to the engine.
+
+        Not yet durable: a crash still returns to the last checkpoint (see :meth:`checkpoint`). Waits for
+        queued asynchronous updates first.
+        """
         with self._lock:
             self._enter()
             if not self.readonly:
@@ -308,7 +395,25 @@ class Store:
         self._writeback.drain()
 
     def checkpoint(self, metadata: dict | None = None) -> int:
-        """Make every write so far durable, atomically with `metadata`; return the new checkpoint id."""
+        """Make every write so far durable, atomically with `metadata`; return the new checkpoint id.
+
+        One consistent cut: row operations wait while it runs; queued asynchronous updates are applied
+        first. The tables' schemas (dim, optimizer, Adam step, settings) commit with the rows. After a crash,
+        :func:`mlkv.open` recovers exactly the last completed checkpoint.
+
+        Args:
+            metadata (dict, optional): JSON-serialisable data stored with the checkpoint (e.g. the dense
+                model's step and file); returned by :meth:`last_checkpoint`. A private copy is kept.
+
+        Returns:
+            int: the checkpoint id, one more than the previous one (the first is 1).
+
+        Raises:
+            InvalidTypeError: `metadata` is not JSON-serialisable.
+            ReadOnlyError: the store is readonly.
+            StorageFullError: the disk is full (the last checkpoint stays intact).
+            StoreClosedError: the store is closed.
+        """
         try:
             # a private copy, as JSON gives it back after a reopen: the caller may mutate their dict later
             metadata = json.loads(json.dumps(metadata))
@@ -344,10 +449,21 @@ class Store:
             self._cond.notify_all()
 
     def last_checkpoint(self) -> tuple[int, dict | None] | None:
+        """``(id, metadata)`` of the last committed checkpoint (of this process or recovered at open), or
+        ``None`` if the store has none."""
         return self._last
 
     # ---- reporting ----------------------------------------------------------------------------------
     def stats(self) -> dict:
+        """Counters since open (or :meth:`reset_stats`) and the current memory use, as a new dict.
+
+        Keys include ``hits``, ``misses`` and ``hit_rate`` (memory-tier lookups per key asked for),
+        ``stall_seconds`` (time reads waited for the disk), ``staleness_waits`` and
+        ``staleness_wait_seconds``, ``lookahead_rows``, ``lookahead_dropped``, ``evictions``,
+        ``rows_written_back``, ``bytes_read``, ``bytes_written``, ``memory_tier_bytes`` (never above
+        ``cache_bytes``), ``memory_tier_rows``, ``cache_bytes``, ``recovery_seconds`` (spent by this open)
+        and ``writeback_pending``; ``docs/API.md`` lists them all.
+        """
         with self._lock:
             s = dict(self._stats)
             looked = s["hits"] + s["misses"]
@@ -360,15 +476,21 @@ class Store:
             return s
 
     def reset_stats(self) -> None:
+        """Set the counters of :meth:`stats` back to zero (the memory-use figures are not counters)."""
         with self._lock:
             for k in self._stats:
                 self._stats[k] = 0.0 if k.endswith("seconds") else 0
 
     def disk_bytes(self) -> int:
+        """Bytes of the engine's files on disk (0 for the memory engine)."""
         return self._engine.disk_bytes()
 
     def verify(self) -> list[str]:
-        """Check every checksum of the rows in the engine; one description per problem (empty: sound)."""
+        """Check every checksum of the rows in the engine (flushing the tier first, unless readonly).
+
+        Returns:
+            list[str]: one description per problem, naming file, table and offset; empty if sound.
+        """
         with self._lock:
             self._enter()
             if not self.readonly:
@@ -385,7 +507,15 @@ class Store:
 
         After a storage failure (StorageFullError, StorageIOError) the store is released all the same and
         the last checkpoint stays in force: a write-back failure skips the checkpoint (and is raised here
-        only if no earlier call raised it); a checkpoint that fails here is raised after the release."""
+        only if no earlier call raised it); a checkpoint that fails here is raised after the release.
+
+        Args:
+            checkpoint (bool): checkpoint outstanding writes before releasing. Default: ``True``.
+
+        Raises:
+            StorageFullError, StorageIOError: a write or the final checkpoint failed (raised after the
+                store is released).
+        """
         failed: BaseException | None = None
         seen = False
         with self._lock:

@@ -58,6 +58,28 @@ def _fill_misses(out, miss, rows, inverse):
 
 
 class Table:
+    r"""One named embedding table of a :class:`Store`: rows by 64-bit key, each ``[embedding | optimizer
+    state]``, with the hot ones in the store's memory tier and all of them on disk.
+
+    Made by :meth:`Store.table`, not directly. Thread-safe: any number of threads may call any method at
+    once. Keys are any 1-D integer array-like (numpy, list, torch tensor), signed or unsigned; the full
+    64-bit range is valid and ``-1`` is the same key as ``2**64 - 1``. Every method validates its arguments
+    before it changes anything.
+
+    Attributes:
+        name (str): the table's name.
+        dim (int): embedding width.
+        dtype (str): row dtype (``"float32"``).
+        optimizer (mlkv.optim.Optimizer or None): the update rule of :meth:`update`.
+        step (int): update steps applied so far (Adam's bias correction counts them); checkpointed.
+        staleness_bound (int or None): this table's bound, ``None`` for the store's.
+
+    Shape:
+        - keys: :math:`(n,)`, any integer dtype.
+        - rows returned by :meth:`get`: :math:`(n, \text{dim})`, float32.
+        - grads of :meth:`update`, values of :meth:`put`: :math:`(n, \text{dim})`, float32.
+    """
+
     def __init__(self, store: Store, name: str, schema: dict, optimizer, init_fn):
         self._store = store
         self.name = name
@@ -304,7 +326,18 @@ class Table:
 
     # ---- public API ---------------------------------------------------------------------------------
     def get(self, keys, track: bool = True, reader: Hashable | None = None) -> np.ndarray:
-        """Embeddings of `keys` as float32 (len(keys), dim); keys never seen are created from init.
+        r"""Embeddings of `keys`; keys never seen are created from the table's init.
+
+        A tracked read (the default) counts as outstanding for `reader` until its
+        :meth:`update`/:meth:`put`/:meth:`release` of the key, and waits while more than the staleness
+        bound of other readers hold a key (``stats()["staleness_waits"]``). Rows not in the memory tier
+        are read from disk and admitted to it.
+
+        Args:
+            keys: 1-D integer keys; duplicates allowed.
+            track (bool): take part in staleness accounting. ``False`` for evaluation and export: a plain
+                read that never waits and needs no release. Default: ``True``.
+            reader (hashable, optional): who holds the tracked read. Default: the calling thread.
 
         A tracked read (the default) counts as outstanding for `reader` (default: this thread) until its
         update/put/release, and waits while more than `staleness_bound` other readers hold a key."""
@@ -331,12 +364,30 @@ class Table:
             return rows[inv, : self.dim]
 
     def update(self, keys, grads, reader: Hashable | None = None, optimizer=None) -> None:
-        """Apply the table's optimizer with `grads` (len(keys), dim); duplicate keys' grads are summed.
+        r"""Apply the table's optimizer with `grads` (len(keys), dim); duplicate keys' grads are summed.
 
         `optimizer`: an mlkv.optim optimizer of the table's kind to apply instead of the table's own for this
         update only (SparseOptimizer passes its param group's learning rate this way); the table's optimizer,
-        its schema and the state layout are unchanged."""
-        k = as_keys(keys)
+        its schema and the state layout are unchanged.
+
+        One update step: the table's :attr:`step` advances by one. Read, optimizer and write happen in one
+        critical section, so concurrent updates of a row never lose each other; the update resolves
+        `reader`'s tracked reads of the keys.
+
+        Args:
+            keys: 1-D integer keys, shape :math:`(n,)`.
+            grads: float32 gradients of the embeddings, shape :math:`(n, \text{dim})` (numpy or torch).
+            reader (hashable, optional): whose tracked reads this update resolves. Default: this thread.
+            optimizer (mlkv.optim.Optimizer, optional): see above.
+
+        Raises:
+            MlkvError: the table was created with ``optimizer=None``.
+            InvalidArgumentError: `grads` has the wrong shape (the message names expected and received).
+            InvalidTypeError: `keys` or `grads` has the wrong dtype, or `optimizer` another kind.
+            ReadOnlyError: the store is readonly.
+            StoreClosedError: the store is closed or the table was dropped.
+        """
+        k, g = self._update_args(keys, grads, optimizer)
         st = self._store
         st._check_writable(self)
         if self.optimizer is None:
@@ -370,7 +421,20 @@ class Table:
             self._store._writeback.raise_error()
 
     def put(self, keys, values, reader: Hashable | None = None) -> None:
-        """Overwrite embeddings (optimizer state is kept); for a key given twice the last value wins."""
+        r"""Overwrite embeddings (optimizer state is kept); for a key given twice the last value wins.
+
+        Args:
+            keys: 1-D integer keys, shape :math:`(n,)`.
+            values: float32 embeddings, shape :math:`(n, \text{dim})`.
+            reader (hashable, optional): whose tracked reads of the keys this resolves. Default: this
+                thread.
+
+        Raises:
+            InvalidArgumentError: `values` has the wrong shape.
+            InvalidTypeError: `keys` or `values` has the wrong dtype.
+            ReadOnlyError: the store is readonly.
+            StoreClosedError: the store is closed or the table was dropped.
+        """
         k = as_keys(keys)
         st = self._store
         st._check_writable(self)
@@ -387,7 +451,17 @@ class Table:
             self._gate.resolve(uk, self._reader(reader))
 
     def release(self, keys, reader: Hashable | None = None) -> None:
-        """Give back `reader`'s tracked reads of `keys` without writing."""
+        """Give back `reader`'s tracked reads of `keys` without writing (e.g. a batch that is skipped).
+
+        Args:
+            keys: 1-D integer keys.
+            reader (hashable, optional): whose reads. Default: this thread.
+
+        Raises:
+            InvalidArgumentError: `keys` is not 1-D (a ``ValueError``; the message names the shape).
+            InvalidTypeError: `keys` has a non-integer dtype (a ``TypeError``).
+            StoreClosedError: the store is closed or the table was dropped.
+        """
         k = as_keys(keys)
         st = self._store
         with st._lock:
@@ -397,7 +471,18 @@ class Table:
     def lookahead(self, keys) -> None:
         """Announce keys a coming batch will read; returns at once while I/O threads move their rows into
         the memory tier. Announced rows are not evicted until a read consumes the announcement; when the
-        budget is full of such rows, look-ahead stops early (stats: lookahead_dropped) instead."""
+        budget is full of such rows, look-ahead stops early (stats: lookahead_dropped) instead.
+
+        A hint: it never changes what a read returns, and rows it could not bring in are read on demand.
+
+        Args:
+            keys: 1-D integer keys a coming batch will read.
+
+        Raises:
+            InvalidArgumentError: `keys` is not 1-D (a ``ValueError``; the message names the shape).
+            InvalidTypeError: `keys` has a non-integer dtype (a ``TypeError``).
+            StoreClosedError: the store is closed or the table was dropped.
+        """
         k = as_keys(keys)
         st = self._store
         with st._lock:
@@ -458,6 +543,21 @@ class Table:
             st._stats["lookahead_dropped"] += int((~placed).sum())
 
     def delete(self, keys, reader: Hashable | None = None) -> None:
+        """Delete the rows of `keys` (absent keys are ignored); a later read creates them afresh from init.
+
+        Waits for reads in progress that hold the rows. Durable at the next checkpoint.
+
+        Args:
+            keys: 1-D integer keys.
+            reader (hashable, optional): whose tracked reads of the keys this resolves. Default: this
+                thread.
+
+        Raises:
+            ReadOnlyError: the store is readonly.
+            InvalidArgumentError: `keys` is not 1-D (a ``ValueError``; the message names the shape).
+            InvalidTypeError: `keys` has a non-integer dtype (a ``TypeError``).
+            StoreClosedError: the store is closed or the table was dropped.
+        """
         k = as_keys(keys)
         st = self._store
         st._check_writable(self)
@@ -485,6 +585,16 @@ class Table:
         return out
 
     def contains(self, keys) -> np.ndarray:
+        """Whether each key has a row (in the memory tier, queued for disk, or on disk).
+
+        Returns:
+            np.ndarray: bool, shape :math:`(n,)`.
+
+        Raises:
+            InvalidArgumentError: `keys` is not 1-D (a ``ValueError``; the message names the shape).
+            InvalidTypeError: `keys` has a non-integer dtype (a ``TypeError``).
+            StoreClosedError: the store is closed or the table was dropped.
+        """
         k = as_keys(keys)
         st = self._store
         with st._lock:
@@ -495,6 +605,7 @@ class Table:
             return self._exists(uk)[inv]
 
     def __len__(self) -> int:
+        """The number of rows (keys stored)."""
         st = self._store
         with st._lock:
             st._check_open(self)
@@ -540,7 +651,17 @@ class Table:
             yield keys, rows[:, : self.dim].copy()
 
     def optimizer_state(self, keys) -> dict[str, np.ndarray]:
-        """The optimizer state of `keys`, by name (e.g. Adam's exp_avg and exp_avg_sq)."""
+        r"""The optimizer state of `keys`, by name (e.g. Adam's exp_avg and exp_avg_sq).
+
+        Returns:
+            dict[str, np.ndarray]: name -> float32 array with one row per key (empty dict for a table
+            without optimizer state); e.g. Adagrad's ``"sum"`` has shape :math:`(n, \text{dim})`.
+
+        Raises:
+            InvalidArgumentError: `keys` is not 1-D (a ``ValueError``; the message names the shape).
+            InvalidTypeError: `keys` has a non-integer dtype (a ``TypeError``).
+            StoreClosedError: the store is closed or the table was dropped.
+        """
         k = as_keys(keys)
         if self.optimizer is None:
             return {}

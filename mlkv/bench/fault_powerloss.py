@@ -19,8 +19,9 @@ and builds disk images from what it left:
 
 Every image is opened writable (recovery) and compared bit for bit with the oracle at the checkpoint it
 reports (same matching as the crash loop). Required: a synced or partial image recovers the last checkpoint
-that returned, or a later one that committed; a torn-tail image recovers a checkpoint exactly or raises
-CorruptionError; never wrong rows. `mlkv check` must agree (exit 0 / 1). Trials run one at a time.
+that returned, or a later one that committed; a torn-tail image recovers that checkpoint exactly or raises
+CorruptionError (silently opening an older checkpoint, or none, is a failure); never wrong rows.
+`mlkv check` must agree (exit 0 / 1). Trials run one at a time.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import stat
 import threading
@@ -191,7 +193,28 @@ def _open_image(path: Path, engine: str) -> tuple:
             store.close()
 
 
-def powerloss_trial(engine: str, seed: int, workdir: Path, tally: Tally, partial: int = 3, delays=(0.2, 1.5)):
+#: torn tails this campaign found mishandled and that are still open: (label, predicate on (engine, the
+#: image's description)). A damaged image that silently opens an older checkpoint (or none) is a failure;
+#: the CI short form (`skip_known=True`) counts these cases as skipped instead.
+KNOWN_FINDINGS = (
+    (
+        "rocksdb: a damaged RocksDB MANIFEST or WAL tail opens an older checkpoint or an empty store",
+        lambda engine, what: (
+            engine == "rocksdb" and re.search(r"bytes of rocksdb/(MANIFEST-|\d+\.log)", what)
+        ),
+    ),
+)
+
+
+def powerloss_trial(
+    engine: str,
+    seed: int,
+    workdir: Path,
+    tally: Tally,
+    partial: int = 3,
+    delays=(0.2, 1.5),
+    skip_known: bool = False,
+):
     """Kill one writer, build its images, check each."""
     import mlkv
 
@@ -256,15 +279,32 @@ def powerloss_trial(engine: str, seed: int, workdir: Path, tally: Tally, partial
                 bad = sum(wrong_rows(g, w) for g, w in zip(got, want, strict=True))
                 tally.add("failed", f"{label}: {failure}", wrong=bad)
                 continue
-            kind = "torn tail" if damaged else "power loss"
-            tally.add(f"{kind}: {'an older checkpoint, exact' if older else outcome}")
+            if not older:
+                tally.add(f"{'torn tail' if damaged else 'power loss'}: {outcome}")
+                continue
+            had = "no checkpoint (an empty store)" if cid is None else f"checkpoint {cid}"
+            known = [k for k, applies in KNOWN_FINDINGS if applies(engine, label)]
+            if skip_known and known:
+                tally.add(f"skipped, known finding: {known[0]}")
+            else:
+                tally.add(
+                    "failed", f"{label}: silently opened {had}, exact, but checkpoint {returned} had returned"
+                )
     finally:
         oracle.close()
     shutil.rmtree(root, ignore_errors=True)
 
 
-def campaign(trials: int, engines: tuple[str, ...], workdir: Path, seed: int = 0, partial: int = 3) -> Tally:
+def campaign(
+    trials: int,
+    engines: tuple[str, ...],
+    workdir: Path,
+    seed: int = 0,
+    partial: int = 3,
+    skip_known: bool = False,
+) -> Tally:
+    """`trials` killed writers, engines in turn, each checked through its images."""
     tally = Tally("power loss")
     for i in range(trials):
-        powerloss_trial(engines[i % len(engines)], seed + i, workdir, tally, partial)
+        powerloss_trial(engines[i % len(engines)], seed + i, workdir, tally, partial, skip_known=skip_known)
     return tally

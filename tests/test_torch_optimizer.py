@@ -294,3 +294,10 @@ def test_dropped_optimizer_wakes_a_reader_already_waiting(tmp_path):
         gc.collect()
         assert done.wait(2.0), "dropping the optimizer must release its holds and wake the reader"
         thread.join()
+
+
+def test_add_param_group_is_refused(store):
+    opt = SparseOptimizer([Embedding(store.table("t", dim=DIM, optimizer=mlkv.optim.SGD(lr=0.1)))])
+    with pytest.raises(NotImplementedError, match="one param group per table") as e:
+        opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)]})
+    assert isinstance(e.value, mlkv.MlkvError) and len(opt.param_groups) == 1

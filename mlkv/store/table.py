@@ -387,7 +387,7 @@ class Table:
             ReadOnlyError: the store is readonly.
             StoreClosedError: the store is closed or the table was dropped.
         """
-        k, g = self._update_args(keys, grads, optimizer)
+        k = as_keys(keys)
         st = self._store
         st._check_writable(self)
         if self.optimizer is None:

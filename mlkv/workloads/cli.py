@@ -54,7 +54,7 @@ def _dlrm_flags(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--parse-only",
         action="store_true",
-        help="only read and parse the training data and report lines/s (no training)",
+        help="only read and parse every --data file and report lines/s (no training)",
     )
     p.add_argument("--max-samples", type=int, help="train on at most this many samples per epoch")
     p.add_argument("--max-test-samples", type=int, help="evaluate on at most this many samples")
@@ -346,8 +346,9 @@ def _headline_metrics(report: dict[str, Any]) -> tuple[str, ...]:
 
 def _parse_only(workload, args: argparse.Namespace, log) -> int:
     r = workload.parse_only()
-    print(f"parsed {r['lines']:,} lines in {r['seconds']:.2f} s: {r['lines_per_s']:,.0f} lines/s "
-          f"({r['workers']} parser process(es))", file=log)  # fmt: skip
+    print(f"parsed {r['lines']:,} lines in {r['seconds']:.2f} s: {r['lines_per_s']:,.0f} lines/s after "
+          f"the first batch ({r['startup_seconds']:.2f} s to it), {r['workers']} parser process(es)",
+          file=log)  # fmt: skip
     if args.json:
         print(json.dumps(r))
     return 0

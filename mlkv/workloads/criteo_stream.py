@@ -438,19 +438,26 @@ def measure_parse(
     """Read and parse `spans` through a CriteoStream without training, as a training loop would consume it.
 
     Returns:
-        lines, seconds (wall), lines_per_s, workers, and consumer_cpu_seconds: the CPU time the consuming
-        process spent (receiving and batching the arrays; with workers=0 also reading and parsing), the
-        cost left on the training process.
+        lines; seconds (wall, all of it); startup_seconds (to the first batch: starting the processes,
+        loading the parser); lines_per_s (after the first batch: the rate a running loop is fed; with a
+        single batch, overall); workers; consumer_cpu_seconds (the CPU time of the consuming process:
+        receiving and batching the arrays, with workers=0 also reading and parsing: the cost left on the
+        training process).
     """
     start, cpu = time.perf_counter(), time.process_time()
-    lines = 0
+    lines = first = 0
+    first_at = start
     for b in CriteoStream(spans, batch_size, max_samples=max_samples, workers=workers):
+        if not lines:
+            first, first_at = len(b), time.perf_counter()
         lines += len(b)
-    seconds = time.perf_counter() - start
+    end = time.perf_counter()
+    steady = lines > first  # more than one batch: measure after the first
     return {
         "lines": lines,
-        "seconds": seconds,
-        "lines_per_s": lines / max(seconds, 1e-9),
+        "seconds": end - start,
+        "startup_seconds": first_at - start,
+        "lines_per_s": (lines - first) / (end - first_at) if steady else lines / (end - start),
         "workers": workers,
         "consumer_cpu_seconds": time.process_time() - cpu,
     }

@@ -31,6 +31,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarn
 SIZES = {"user": 500, "item": 250}
 DIM, DENSE, BATCH, STEPS, DEPTH = 8, 4, 32, 30, 8
 RTOL, ATOL = 1e-5, 1e-6
+#: Adagrad's rows: where one column's per-occurrence gradients nearly cancel, its accumulator stays tiny
+#: (1.7e-10 measured) and the update lr * g / sqrt(acc) magnifies the summation-order rounding of g: one
+#: element of 4000 differs by 3.1e-6 (torch 2.13 CPU), and both float32 runs are equally far from a
+#: float64 run. A 10x absolute tolerance on those rows; every other comparison keeps ATOL.
+ROW_ATOL = {"adagrad": 1e-5}
 
 #: name -> (mlkv optimizer, torch optimizer for the embedding weights)
 OPTIMIZERS = {
@@ -165,7 +170,8 @@ def test_mlkv_training_equals_torch(tmp_path, opt_name):
     for name in SIZES:
         moved = (ref_rows[name] != initial_rows()[name]).any(axis=1)
         assert moved.sum() > SIZES[name] // 5, "the test must train a good part of the rows"
-        np.testing.assert_allclose(rows[name], ref_rows[name], rtol=RTOL, atol=ATOL, err_msg=name)
+        atol = ROW_ATOL.get(opt_name, ATOL)
+        np.testing.assert_allclose(rows[name], ref_rows[name], rtol=RTOL, atol=atol, err_msg=name)
         for torch_key, mlkv_key in STATE_NAMES.get(opt_name, {}).items():
             np.testing.assert_allclose(
                 state[name][mlkv_key],
@@ -190,5 +196,6 @@ def test_bounded_staleness_single_thread_matches_exact(tmp_path, opt_name, stale
     np.testing.assert_allclose(losses, ref_losses, rtol=RTOL)
     for name in SIZES:
         assert np.isfinite(rows[name]).all()
-        np.testing.assert_allclose(rows[name], ref_rows[name], rtol=RTOL, atol=ATOL, err_msg=name)
+        atol = ROW_ATOL.get(opt_name, ATOL)
+        np.testing.assert_allclose(rows[name], ref_rows[name], rtol=RTOL, atol=atol, err_msg=name)
     assert stats["staleness_waits"] == 0

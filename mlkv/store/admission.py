@@ -25,6 +25,8 @@ import math
 import numba
 import numpy as np
 
+from ..errors import InvalidArgumentError
+
 DEPTH = 4
 DEFAULT_WIDTH = 1 << 20
 _SALTS = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93], np.uint64)
@@ -64,7 +66,7 @@ def _count(counters, salts, keys, add, out):
 class AdmissionSketch:
     def __init__(self, width: int = DEFAULT_WIDTH):
         if width < 1 or width & (width - 1):
-            raise ValueError(f"sketch width must be a power of two, got {width}")
+            raise InvalidArgumentError(f"sketch width must be a power of two, got {width}")
         self.width = width
         self._counters = np.zeros((DEPTH, width), dtype=np.uint8)
 

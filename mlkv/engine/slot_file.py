@@ -29,7 +29,7 @@ import numba
 import numpy as np
 
 from ..durable_files import storage_errors
-from ..errors import CorruptionError
+from ..errors import CorruptionError, PathNotFoundError
 from .key_index import hash64
 from .prefetch import prefetch_at
 
@@ -108,7 +108,7 @@ class SlotFile:
         self.readonly = readonly
         exists = os.path.exists(path)
         if not exists and readonly:
-            raise FileNotFoundError(path)
+            raise PathNotFoundError(f"slot file {path} does not exist (opening readonly creates nothing)")
         self.fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT, 0o644)
         try:
             if exists:

@@ -30,9 +30,11 @@ from ..errors import (
 from ..faults import crash_point
 from ..init import init_from_config, resolve_init
 from ..optim import Optimizer, optimizer_from_config
+from .applier import Applier, ApplierError
 from .lock import StoreLock
 from .rwlock import RWLock
 from .sizes import parse_bytes
+from .staleness import LAG_BINS
 from .table import Table
 from .tier_budget import TierBudget
 from .writeback import PendingOp, WriteBack
@@ -42,7 +44,8 @@ _MARKER = "MLKV"
 _STAT_KEYS = (
     "hits", "misses", "lookahead_rows", "lookahead_dropped", "lookahead_errors", "evictions",
     "rows_written_back", "stall_seconds", "staleness_waits", "staleness_wait_seconds", "bytes_read",
-    "bytes_written",
+    "bytes_written", "async_updates", "async_wait_seconds", "rows_admitted", "rows_rejected",
+    "grads_dropped", "rows_expired", "rows_evicted_by_cap",
 )  # fmt: skip
 #: bytes of evicted rows that may wait in the write-back queue: max(1 MiB, min(64 MiB, cache_bytes / 4))
 WRITEBACK_MIN_BYTES, WRITEBACK_MAX_BYTES = 1 << 20, 64 << 20
@@ -64,6 +67,27 @@ def lost_marker(path: str) -> CorruptionError | None:
         body = json.dumps({"format": FORMAT, "engine": "slab" if slab else "rocksdb"})
         what += f". To restore the marker: echo '{body}' > {marker}"
     return CorruptionError(marker, None, what)
+
+
+def _lifetime_options(admit_after, ttl_steps, max_rows, expire_on_checkpoint) -> dict:
+    """The admission/expiry arguments of `Store.table` that were given, validated."""
+    out: dict = {}
+    for name, value, low, high in (
+        ("admit_after", admit_after, 1, 255),
+        ("ttl_steps", ttl_steps, 1, None),
+        ("max_rows", max_rows, 1, None),
+    ):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
+            limit = f"an int in [{low}, {high}]" if high else f"an int >= {low}"
+            raise InvalidArgumentError(f"{name} must be {limit} or None, got {value!r}")
+        out[name] = value
+    if expire_on_checkpoint is not None:
+        if not isinstance(expire_on_checkpoint, bool):
+            raise InvalidTypeError(f"expire_on_checkpoint must be a bool, got {expire_on_checkpoint!r}")
+        out["expire_on_checkpoint"] = expire_on_checkpoint
+    return out
 
 
 def _check_marker(path: str, engine: str, create: bool) -> None:
@@ -175,6 +199,7 @@ class Store:
         self._stats["staleness_wait_seconds"] = 0.0
         limit = max(WRITEBACK_MIN_BYTES, min(WRITEBACK_MAX_BYTES, self.cache_bytes // 4))
         self._writeback = WriteBack(self._cond, self._apply_pending, limit)
+        self._applier = Applier(self._cond, os.path.basename(os.path.normpath(path)) or "store")
         self._io: ThreadPoolExecutor | None = None
         self._checkpointing = False
         self._changed = False
@@ -225,6 +250,10 @@ class Store:
         init=None,
         optimizer: Optimizer | None = None,
         staleness_bound: int | None = None,
+        admit_after: int | None = None,
+        ttl_steps: int | None = None,
+        max_rows: int | None = None,
+        expire_on_checkpoint: bool | None = None,
     ) -> Table:
         r"""Open table `name`, creating it when it does not exist (then `dim` is required).
 
@@ -282,6 +311,7 @@ class Store:
             raise InvalidArgumentError(
                 f"staleness_bound must be an int >= 0 or None, got {staleness_bound!r}"
             )
+        lifetime = _lifetime_options(admit_after, ttl_steps, max_rows, expire_on_checkpoint)
         init_fn, init_cfg = resolve_init(init)
         with self._lock:
             self._enter()
@@ -305,8 +335,11 @@ class Store:
                     "init": init_cfg,
                     "staleness_bound": staleness_bound,
                     "step": 0,
+                    **lifetime,
+                    # expiry needs each row's last-write step: one more column, fixed at creation
+                    "age_column": any(lifetime.get(k) is not None for k in ("ttl_steps", "max_rows")),
                 }
-                width = dim + (optimizer.state_width(dim) if optimizer else 0)
+                width = dim + (optimizer.state_width(dim) if optimizer else 0) + schema["age_column"]
                 with self._engine_lock.write():
                     self._engine.create_table(name, 4 * width)
                 self._schemas[name] = schema
@@ -315,15 +348,23 @@ class Store:
                 optimizer = self._check_schema(name, schema, dim, dtype, optimizer)
                 if init is None and schema["init"].get("kind") != "callable":
                     init_fn = init_from_config(schema["init"])
+                ages = ("ttl_steps", "max_rows")
+                if any(lifetime.get(k) is not None for k in ages) and not schema.get("age_column"):
+                    raise SchemaError(
+                        f"table {name!r} was created without ttl_steps/max_rows, so its rows carry no "
+                        "last-update step; expiry can only be set when a table is created"
+                    )
             t = self._tables.get(name)
             if t is not None:  # already open: same rows and tier; hyperparameters may change
                 if optimizer is not None:
                     t.optimizer = optimizer
                 if staleness_bound is not None:
                     t.staleness_bound = staleness_bound
+                t._set_lifetime(lifetime)
                 return t
             if staleness_bound is not None:
                 schema = {**schema, "staleness_bound": staleness_bound}
+            schema = {**schema, **lifetime}
             t = Table(self, name, schema, optimizer, init_fn)
             self._tables[name] = t
             self._budget.register(t)
@@ -386,6 +427,7 @@ class Store:
         """
         with self._lock:
             self._enter()
+            self._applier.drain()
             if not self.readonly:
                 self._flush_locked()
 
@@ -422,11 +464,15 @@ class Store:
         with self._lock:
             self._enter()
             self._check_writable()
+            self._applier.drain()  # before the cut: a checkpoint holds every update submitted before it
             return self._checkpoint_locked(metadata)
 
     def _checkpoint_locked(self, metadata: dict | None) -> int:
         self._checkpointing = True  # row operations wait: the checkpoint is one consistent cut
         try:
+            for t in self._tables.values():
+                if t.expire_on_checkpoint:
+                    t._expire_locked()
             self._flush_locked()
             crash_point("checkpoint:start")
             for name, t in self._tables.items():
@@ -473,6 +519,11 @@ class Store:
             s["cache_bytes"] = self.cache_bytes
             s["recovery_seconds"] = self._engine.recovery_seconds
             s["writeback_pending"] = self._writeback.pending()
+            s["applier_pending"] = self._applier.pending()
+            lag = np.zeros(LAG_BINS, dtype=np.int64)
+            for t in self._tables.values():
+                lag += t._gate.lag_hist
+            s["staleness_lag_hist"] = lag.tolist()
             return s
 
     def reset_stats(self) -> None:
@@ -524,8 +575,13 @@ class Store:
             try:
                 while self._checkpointing:
                     self._cond.wait()
-                if checkpoint and self._writeback.error is not None:
-                    seen = self._writeback.reported  # a failed write-back (full disk): no checkpoint
+                seen = self._applier.reported
+                try:  # queued asynchronous updates are applied, not lost
+                    self._applier.drain()
+                except ApplierError as e:  # no checkpoint after a failed update; raised here only if
+                    failed = e  # no earlier call has raised it
+                if checkpoint and failed is None and self._writeback.error is not None:
+                    seen = self._writeback.reported  # a failed write-back (full disk): no checkpoint either
                     try:
                         self._writeback.raise_error()
                     except MlkvError as e:
@@ -538,6 +594,7 @@ class Store:
             finally:
                 self._open = False
                 self._cond.notify_all()
+                self._applier.shutdown()
         try:  # background threads need the store lock to finish: stop them with it released
             if self._io is not None:
                 self._io.shutdown(wait=True)

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..engine.key_index import KeyIndex, dedup, unique_inverse, unique_keys
 from ..errors import InvalidArgumentError, InvalidTypeError, MlkvError
+from .admission import DEFAULT_WIDTH, AdmissionSketch
 from .memory_tier import MemoryTier
 from .staleness import StalenessGate
 from .validate import as_keys, as_rows
@@ -55,6 +56,18 @@ def _fill_misses(out, miss, rows, inverse):
             for j in range(out.shape[1]):
                 out[i, j] = rows[r, j]
             c += 1
+
+
+class _PendingUpdate:
+    """The staleness-gate holder of one queued asynchronous update (see Table.update_async)."""
+
+    __slots__ = ("table",)
+
+    def __init__(self, table: str):
+        self.table = table
+
+    def __repr__(self) -> str:
+        return f"<mlkv pending update of {self.table!r}>"
 
 
 class Table:
@@ -89,10 +102,18 @@ class Table:
         self._init = init_fn
         self._salt = zlib.crc32(name.encode())
         self._state_width = optimizer.state_width(self.dim) if optimizer else 0
-        self.width = self.dim + self._state_width
+        # the row's last column holds the table step of its last write (uint32 bits), when expiry is on
+        self._age = 1 if schema.get("age_column") else 0
+        self.width = self.dim + self._state_width + self._age
         self.step: int = schema.get("step", 0)
         self.staleness_bound: int | None = schema.get("staleness_bound")
-        self.tier = MemoryTier(self.dim, self._state_width)
+        self.admit_after: int = schema.get("admit_after", 1)
+        self.ttl_steps: int | None = schema.get("ttl_steps")
+        self.max_rows: int | None = schema.get("max_rows")
+        self.expire_on_checkpoint: bool = schema.get("expire_on_checkpoint", False)
+        width = schema.get("sketch_width", DEFAULT_WIDTH)
+        self._sketch = AdmissionSketch(width) if self.admit_after > 1 else None
+        self.tier = MemoryTier(self.dim, self._state_width + self._age)
         self._schema = schema
         self._gate = StalenessGate(name, store._cond)
         self._inflight = KeyIndex()
@@ -102,7 +123,15 @@ class Table:
 
     # ---- schema -------------------------------------------------------------------------------------
     def schema(self) -> dict:
-        return {**self._schema, "step": self.step, "staleness_bound": self.staleness_bound}
+        return {
+            **self._schema,
+            "step": self.step,
+            "staleness_bound": self.staleness_bound,
+            "admit_after": self.admit_after,
+            "ttl_steps": self.ttl_steps,
+            "max_rows": self.max_rows,
+            "expire_on_checkpoint": self.expire_on_checkpoint,
+        }
 
     def __repr__(self) -> str:
         kind = self.optimizer.kind if self.optimizer else None
@@ -112,13 +141,28 @@ class Table:
     def _bound(self) -> int:
         return self._store.staleness_bound if self.staleness_bound is None else self.staleness_bound
 
+    @property
+    def effective_staleness_bound(self) -> int:
+        """The bound in force for this table: its own ``staleness_bound``, else the store's."""
+        return self._bound
+
     # ---- the row path (store lock held) -------------------------------------------------------------
     def _new_rows(self, keys: np.ndarray) -> np.ndarray:
         rows = np.empty((len(keys), self.width), dtype=np.float32)
         rows[:, : self.dim] = self._init(keys, self.dim, self._salt)
         if self._state_width:
-            rows[:, self.dim :] = self.optimizer.init_state(len(keys), self.dim)
+            rows[:, self.dim : self.dim + self._state_width] = self.optimizer.init_state(len(keys), self.dim)
+        self._stamp(rows)
         return rows
+
+    def _stamp(self, rows: np.ndarray) -> None:
+        """Record the table step in the age column of rows being written (no-op without expiry)."""
+        if self._age:
+            rows[:, -1:].view(np.uint32)[:] = np.uint32(min(self.step, 0xFFFFFFFF))
+
+    def _opt_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The [embedding | optimizer state] columns the optimizer updates (a view)."""
+        return rows[:, : self.width - self._age] if self._age else rows
 
     def _read_engine(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         """Engine rows of distinct keys (store lock NOT held): (rows, found, seconds)."""
@@ -339,9 +383,45 @@ class Table:
                 read that never waits and needs no release. Default: ``True``.
             reader (hashable, optional): who holds the tracked read. Default: the calling thread.
 
-        A tracked read (the default) counts as outstanding for `reader` (default: this thread) until its
-        update/put/release, and waits while more than `staleness_bound` other readers hold a key."""
+        Returns:
+            np.ndarray: float32, shape :math:`(n, \text{dim})`, row ``i`` the embedding of ``keys[i]``.
+
+        Raises:
+            InvalidArgumentError: `keys` is not 1-D (a ``ValueError``; the message names the shape).
+            InvalidTypeError: `keys` has a non-integer dtype (a ``TypeError``).
+            StoreClosedError: the store is closed or the table was dropped.
+            StalenessTimeout: a tracked read waited longer than the store's ``staleness_timeout``.
+            CorruptionError: a row read from disk failed its checksum.
+        """
         k = as_keys(keys)
+        if self._sketch is not None and not self._store.readonly:
+            return self._get_admitting(k, track, reader)
+        return self._get(k, track, reader)
+
+    def _get_admitting(self, k: np.ndarray, track: bool, reader: Hashable | None) -> np.ndarray:
+        """get() when admit_after > 1: a key not stored yet is counted by each tracked read (one per batch)
+        and served from init, without being stored, until admit_after reads have named it."""
+        st = self._store
+        with st._lock:
+            st._enter(self)
+            uk, inv, _ = unique_inverse(k)
+            new_at = np.flatnonzero(~self._exists(uk))
+            counts = self._sketch.add(uk[new_at]) if track else self._sketch.estimate(uk[new_at])
+            waiting = np.zeros(len(uk), dtype=bool)
+            waiting[new_at[counts < self.admit_after]] = True
+            n_waiting = int(np.count_nonzero(waiting))
+            if track:  # sightings: only tracked reads count
+                st._stats["rows_rejected"] += n_waiting
+                st._stats["rows_admitted"] += len(new_at) - n_waiting
+        if n_waiting == 0:
+            return self._get(k, track, reader)
+        out = np.empty((len(uk), self.dim), dtype=np.float32)
+        out[waiting] = self._init(uk[waiting], self.dim, self._salt)
+        if n_waiting < len(uk):
+            out[~waiting] = self._get(uk[~waiting], track, reader)
+        return out[inv]
+
+    def _get(self, k: np.ndarray, track: bool, reader: Hashable | None) -> np.ndarray:
         st = self._store
         with st._lock:
             st._enter(self)
@@ -387,9 +467,21 @@ class Table:
             ReadOnlyError: the store is readonly.
             StoreClosedError: the store is closed or the table was dropped.
         """
-        k = as_keys(keys)
+        k, g = self._update_args(keys, grads, optimizer)
         st = self._store
-        st._check_writable(self)
+        if len(k) == 0:
+            return
+        with st._lock:
+            st._enter(self)
+            self._after_async()
+            self._check_writeback(k, reader)
+            uk, inv, _ = unique_inverse(k)
+            self._apply_update(uk, inv, g, self._reader(reader), optimizer)
+
+    def _update_args(self, keys, grads, optimizer) -> tuple[np.ndarray, np.ndarray]:
+        """Validated (keys, grads) of an update; raises before anything changes."""
+        k = as_keys(keys)
+        self._store._check_writable(self)
         if self.optimizer is None:
             raise MlkvError(f"table {self.name!r} was created with optimizer=None and is not trainable")
         if optimizer is not None and type(optimizer) is not type(self.optimizer):
@@ -397,20 +489,64 @@ class Table:
                 f"optimizer must be a {type(self.optimizer).__name__} like table {self.name!r}'s own, "
                 f"got {type(optimizer).__name__}"
             )
-        g = as_rows(grads, len(k), self.dim, "grads")
-        if len(k) == 0:
-            return
-        with st._lock:
-            st._enter(self)
-            self._check_writeback(k, reader)
-            uk, inv, _ = unique_inverse(k)
-            summed = np.zeros((len(uk), self.dim), dtype=np.float32)
-            _sum_by_inverse(inv, g, summed)
-            slots, rows = self._gather(uk, True)
-            self.step += 1
-            (self.optimizer if optimizer is None else optimizer).apply(rows, summed, self.step)
-            self._store_rows(uk, slots, rows)
-            self._gate.resolve(uk, self._reader(reader))
+        return k, as_rows(grads, len(k), self.dim, "grads")
+
+    def _apply_update(
+        self,
+        uk: np.ndarray,
+        inv: np.ndarray,
+        g: np.ndarray,
+        reader: Hashable,
+        optimizer=None,
+        outside_lock: bool = False,
+    ) -> None:
+        """One optimizer step on distinct keys `uk` with per-key gradients `g` (summed by `inv`), by
+        `optimizer` (None: the table's own); store lock held. `outside_lock` (the applier's updates, which
+        are serialised among themselves): the optimizer's arithmetic runs with the lock released and the
+        rows pinned, so the trainer's next reads and forward overlap with it."""
+        summed = np.zeros((len(uk), self.dim), dtype=np.float32)
+        _sum_by_inverse(inv, g, summed)
+        if self._sketch is not None:  # gradients of keys not admitted yet are dropped
+            stored = self._exists(uk)
+            if not stored.all():
+                self._store._stats["grads_dropped"] += int((~stored).sum())
+                self._gate.resolve(uk[~stored], reader)
+                uk, summed = uk[stored], summed[stored]
+                if not len(uk):
+                    return
+        slots, rows = self._gather(uk, True)
+        self.step += 1
+        opt, step = self.optimizer if optimizer is None else optimizer, self.step
+
+        def apply() -> None:
+            opt.apply(self._opt_rows(rows), summed, step)
+
+        if outside_lock:
+            slots = self._unlocked(uk, slots, apply)
+        else:
+            apply()
+        self._stamp(rows)
+        self._store_rows(uk, slots, rows)
+        self._gate.resolve(uk, reader)
+
+    def _unlocked(self, keys: np.ndarray, slots: np.ndarray, work) -> np.ndarray:
+        """Run `work` with the store lock released while `keys`' resident rows stay pinned (never evicted
+        or removed meanwhile); return the keys' slots as of after it (a resize may move pinned rows)."""
+        tier, st = self.tier, self._store
+        resident = slots >= 0
+        tier.pins[slots[resident]] += 1
+        moves = tier.moves
+        st._lock.release()
+        try:
+            work()
+        finally:
+            st._lock.acquire()
+            if tier.moves != moves:
+                slots = tier.lookup(keys)
+            held = slots[resident]
+            tier.pins[held] = np.maximum(tier.pins[held] - 1, 0)
+            st._cond.notify_all()  # a delete may be waiting for these pins
+        return slots
 
     def _check_writeback(self, keys: np.ndarray, reader: Hashable | None) -> None:
         """A failed write-back (StorageFullError...) is raised at the next update/put/delete, which then
@@ -419,6 +555,80 @@ class Table:
         if self._store._writeback.error is not None:
             self._gate.resolve(unique_keys(keys), self._reader(reader))
             self._store._writeback.raise_error()
+
+    def _after_async(self) -> None:
+        """A synchronous write comes after every asynchronous update of this table submitted before it
+        (program order); store lock held."""
+        if self._store._applier.pending(self.name):
+            self._store._applier.drain(self.name)
+        else:
+            self._store._applier.raise_error()
+
+    def update_async(self, keys, grads, reader: Hashable | None = None, optimizer=None) -> None:
+        """Like :meth:`update`, but applied by the store's background applier when the table's staleness
+        bound ``s`` is at least 1; with ``s = 0`` it is :meth:`update` (synchronous, exact).
+
+        The update holds its keys in the staleness gate until it is applied, like an outstanding read, and
+        the reader's own reads of them are resolved at once: a later tracked read of a key (by this reader
+        or any other) misses at most ``s`` updates. At most ``s`` asynchronous updates of this table are
+        queued; a further call waits for room. Updates apply in submission order; a synchronous
+        ``update``/``put``/``delete`` of the table, ``flush``, ``checkpoint`` and ``close`` first wait for
+        the queued ones, so a checkpoint contains every update submitted before it.
+
+        Args:
+            keys: 1-D integer keys, shape ``(n,)``; duplicates' gradients are summed.
+            grads: float gradients, shape ``(n, dim)``; copied, so the caller may reuse the buffer.
+            reader: the staleness reader whose reads of ``keys`` this update resolves (default: this thread).
+            optimizer: as for :meth:`update` (this update's hyper-parameters, e.g. a scheduled ``lr``).
+
+        Raises:
+            ApplierError: an earlier asynchronous update failed (nothing after it was applied).
+            MlkvError: the table has no optimizer; the store is closed or read-only.
+            InvalidArgumentError, InvalidTypeError: bad keys or gradients (nothing is queued).
+        """
+        k, g = self._update_args(keys, grads, optimizer)
+        st = self._store
+        bound = self._bound
+        if bound == 0 or len(k) == 0:
+            self.update(k, g, reader=reader, optimizer=optimizer)
+            return
+        g = np.array(g, dtype=np.float32, copy=True)
+        owner = self._reader(reader)
+        with st._lock:
+            st._enter(self)
+            self._check_writeback(k, reader)
+            uk, inv, _ = unique_inverse(k)
+            token = _PendingUpdate(self.name)
+
+            def job() -> None:
+                with st._lock:
+                    try:
+                        st._enter(self)
+                        self._apply_update(uk, inv, g, token, optimizer, outside_lock=True)
+                    finally:
+                        self._gate.release_all(token)
+
+            st._stats["async_wait_seconds"] += st._applier.submit(self.name, job, bound)
+            st._check_open(self)  # submit may have waited with the lock released
+            self._gate.hand_over(uk, owner, token)
+            st._stats["async_updates"] += 1
+
+    def wait_updates(self, raise_only: bool = False) -> None:
+        """Wait until this table's asynchronous updates submitted so far are applied (``update_async``).
+
+        Args:
+            raise_only: do not wait; only raise a failure of an earlier asynchronous update, if any.
+
+        Raises:
+            ApplierError: an asynchronous update of the store failed (later ones were not applied).
+        """
+        st = self._store
+        with st._lock:
+            st._check_open(self)
+            if raise_only:
+                st._applier.raise_error()
+            else:
+                st._applier.drain(self.name)
 
     def put(self, keys, values, reader: Hashable | None = None) -> None:
         r"""Overwrite embeddings (optimizer state is kept); for a key given twice the last value wins.
@@ -443,10 +653,12 @@ class Table:
             return
         with st._lock:
             st._enter(self)
+            self._after_async()
             self._check_writeback(k, reader)
             uk, _, last = unique_inverse(k[::-1])
             slots, rows = self._gather(uk, True)
             rows[:, : self.dim] = v[::-1][last]
+            self._stamp(rows)
             self._store_rows(uk, slots, rows)
             self._gate.resolve(uk, self._reader(reader))
 
@@ -466,6 +678,7 @@ class Table:
         st = self._store
         with st._lock:
             st._check_open(self)
+            st._applier.raise_error()  # a failed asynchronous update surfaces at the trainer's next call
             self._gate.resolve(unique_keys(k), self._reader(reader))
 
     def lookahead(self, keys) -> None:
@@ -488,6 +701,8 @@ class Table:
         with st._lock:
             st._enter(self)
             uk = unique_keys(k)
+            if self._sketch is not None:  # keys not admitted yet are served from init: nothing to fetch
+                uk = uk[self._exists(uk)]
             slots = self.tier.lookup(uk)
             resident = slots >= 0
             self.tier.announced[slots[resident]] += 1
@@ -563,6 +778,7 @@ class Table:
         st._check_writable(self)
         with st._lock:
             st._enter(self)
+            self._after_async()
             self._check_writeback(k, reader)
             uk = unique_keys(k)
             self._wait_busy(uk)
@@ -610,6 +826,87 @@ class Table:
         with st._lock:
             st._check_open(self)
             return st._engine.count(self.name) if st.readonly else self._count
+
+    # ---- admission and expiry ------------------------------------------------------------------------
+    def _set_lifetime(self, options: dict) -> None:
+        """Apply admit_after/ttl_steps/max_rows/expire_on_checkpoint given to store.table (lock held)."""
+        for name, value in options.items():
+            setattr(self, name, value)
+        if "admit_after" in options:
+            if self.admit_after > 1 and self._sketch is None:
+                self._sketch = AdmissionSketch(self._schema.get("sketch_width", DEFAULT_WIDTH))
+            elif self.admit_after == 1:
+                self._sketch = None
+
+    def expire(self) -> int:
+        """Delete the rows that ``ttl_steps`` and ``max_rows`` say must go; return how many were deleted.
+
+        - ``ttl_steps=T``: rows not written (updated, put or created) in the table's last ``T`` steps, i.e.
+          whose last write came at table step ``<= t.step - T`` (``t.step`` counts updates).
+        - ``max_rows=M``: then, while more than ``M`` rows remain, the least recently written go (ties:
+          smaller key first), down to ``M``.
+
+        Rows a read in progress holds in the memory tier are skipped this time. The table's rows are
+        flushed to the engine and scanned once (cost: a sequential read of the table), with the store lock
+        held, so call it between steps; ``expire_on_checkpoint=True`` runs it inside every checkpoint.
+        Deleted rows are durable at the next checkpoint. Counted in ``stats()`` as ``rows_expired`` and
+        ``rows_evicted_by_cap``.
+
+        Returns:
+            int: rows deleted.
+
+        Raises:
+            ReadOnlyError, StoreClosedError: the store is read-only or closed.
+        """
+        st = self._store
+        st._check_writable(self)
+        with st._lock:
+            st._enter(self)
+            self._after_async()
+            return self._expire_locked()
+
+    def _expire_locked(self) -> int:
+        if not self._age or (self.ttl_steps is None and self.max_rows is None):
+            return 0
+        st = self._store
+        self._flush_locked()
+        st._writeback.drain(self.name)  # every row of the table is in the engine now
+        parts_k, parts_a = [], []
+        with st._engine_lock.read():
+            for keys, raw in st._engine.scan(self.name, 1 << 16):
+                words = np.ascontiguousarray(raw).view(np.uint32).reshape(len(keys), self.width)
+                parts_k.append(keys)
+                parts_a.append(words[:, -1].astype(np.int64))
+        if not parts_k:
+            return 0
+        keys, ages = np.concatenate(parts_k), np.concatenate(parts_a)
+        stale = np.zeros(len(keys), dtype=bool)
+        if self.ttl_steps is not None:
+            stale = ages <= self.step - self.ttl_steps
+        drop = stale.copy()
+        expired = int(drop.sum())
+        over = len(keys) - expired - (self.max_rows if self.max_rows is not None else len(keys))
+        if over > 0:
+            left = np.flatnonzero(~drop)
+            oldest = left[np.lexsort((keys[left], ages[left]))[:over]]
+            drop[oldest] = True
+        gone = keys[drop]
+        where = self.tier.lookup(gone)
+        busy = np.zeros(len(gone), dtype=bool)
+        busy[where >= 0] = self.tier.pins[where[where >= 0]] > 0
+        if len(self._inflight):
+            busy |= self._inflight.lookup(gone) >= 0
+        gone = gone[~busy]  # a read in progress holds them: they stay until the next expire
+        gone = np.sort(gone)
+        if len(gone):
+            self.tier.remove(gone)
+            st._writeback.submit(self.name, gone, None, st._stats)
+            self._count -= len(gone)
+            st._changed = True
+        by_ttl = int(np.isin(gone, keys[stale]).sum())
+        st._stats["rows_expired"] += by_ttl
+        st._stats["rows_evicted_by_cap"] += len(gone) - by_ttl
+        return len(gone)
 
     def _flush_locked(self) -> None:
         self._queue_write(*self.tier.take_dirty())
@@ -670,7 +967,7 @@ class Table:
             st._enter(self)
             uk, inv, _ = unique_inverse(k)
             _, rows = self._gather(uk, not st.readonly)
-            state = rows[inv, self.dim :]
+            state = rows[inv, self.dim : self.dim + self._state_width]
             return {name: state[:, sl].copy() for name, sl in self.optimizer.state_names(self.dim).items()}
 
     def export(self, path: str | os.PathLike) -> int:

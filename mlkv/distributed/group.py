@@ -21,6 +21,7 @@ import torch.distributed as dist
 from ..errors import InvalidArgumentError, MlkvError
 
 DEFAULT_TIMEOUT_S = 300.0
+_timeout_s = DEFAULT_TIMEOUT_S  # of the group init() joined; also given to the gloo group cpu_group() makes
 
 
 class DistributedError(MlkvError, RuntimeError):
@@ -45,6 +46,8 @@ def init(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> bool
         raise InvalidArgumentError(f"timeout must be a number of seconds > 0, got {timeout!r}")
     if dist.is_initialized():
         return False
+    global _timeout_s
+    _timeout_s = float(timeout)
     missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:
         raise DistributedError(
@@ -74,6 +77,14 @@ def rank_and_size(group=None) -> tuple[int, int]:
             "torch.distributed.init_process_group() first"
         )
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+def cpu_group():
+    """The group for row traffic (CPU tensors): None (the default group) when that is gloo, else a new gloo
+    group over all ranks (collective: every rank must call it)."""
+    if dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=_timeout_s))
 
 
 def _failed(what: str, group, e: BaseException) -> DistributedError:
@@ -154,6 +165,7 @@ __all__ = [
     "all_reduce",
     "all_reduce_gradients",
     "all_to_all",
+    "cpu_group",
     "exchange_counts",
     "init",
     "rank_and_size",

@@ -166,7 +166,8 @@ def open(root: str | os.PathLike, *, group=None, **store_kwargs) -> ShardedStore
 
     Args:
         root: a directory on this machine; the shard is ``root/rank-{r}-of-{N}``.
-        group: the torch.distributed process group (default: the default group).
+        group: the process group for the row traffic, which moves CPU tensors (default: the default group
+            when it is gloo, else a gloo group over the same ranks, e.g. beside NCCL's).
         **store_kwargs: passed to ``mlkv.open`` for the local shard (cache_bytes is per rank, engine,
             staleness_bound, create, ...).
 
@@ -178,6 +179,8 @@ def open(root: str | os.PathLike, *, group=None, **store_kwargs) -> ShardedStore
         MlkvError: `root` holds shards for a different world size.
     """
     rank, world = pg.rank_and_size(group)
+    if group is None:
+        group = pg.cpu_group()
     root = os.fspath(root)
     if store_kwargs.get("readonly"):
         raise InvalidArgumentError("open shards readonly with mlkv.open(root/rank-r-of-N, readonly=True)")

@@ -14,6 +14,9 @@ crash lost, which is what exposes leftovers of a crashed checkpoint.)
 The cache is a few hundred rows while each table holds ~1000 keys, so rows are evicted and written back
 all the time, and some batches are larger than the whole memory tier.
 
+A multi-threaded variant (three workers, checkpoints taken while they run) drives the crash campaign of
+mlkv/bench/fault_crash.py (`python -m mlkv.bench.faults crash`).
+
 Environment (read once at start, before anything can crash):
     MLKV_CRASH_AT       a fault point of mlkv.faults; armed only after MLKV_CRASH_AFTER checkpoints
     MLKV_CRASH_AFTER    checkpoints this process completes before it arms MLKV_CRASH_AT (default 0)

@@ -51,6 +51,7 @@ THREADS = 3
 CACHE_BYTES = 40 * 1024  # ~400 Adam rows of 96 bytes shared by 6-9 tables of ~1000 keys: constant eviction
 KEY_SPACE = 1000
 BIG_BATCH = 700  # larger than a table's share of the memory tier: rows spill past it
+START_TIMEOUT = 300.0  # seconds a writer may take to print "started" (its first checkpoint)
 LOOKAHEAD_MAX = 400  # distinct keys under one look-ahead chunk (512): its rows are admitted in one step
 OPS = ("train",) * 4 + ("put", "delete", "peek", "read", "lookahead", "lookahead", "tmp", "flush")
 
@@ -231,7 +232,12 @@ def run_writer_until_killed(
     full_env = {**os.environ, "PYTHONPATH": repo, **env}
     args = [str(path), engine, str(state), str(seed), str(segment), ",".join(map(str, resume))]
     proc = _spawn(args, full_env, err)
-    line = proc.stdout.readline().strip()
+    watchdog = threading.Timer(START_TIMEOUT, proc.kill)  # a writer that never starts must not hang us
+    watchdog.start()
+    try:
+        line = proc.stdout.readline().strip()
+    finally:
+        watchdog.cancel()
     if line != "started":
         proc.kill()
         proc.wait()

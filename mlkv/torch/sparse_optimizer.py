@@ -333,10 +333,13 @@ class SparseOptimizer(torch.optim.Optimizer):
         updated: dict[int, np.ndarray] = {}
         try:
             for b in batches:
+                # staleness bound >= 1: the store's applier applies it in the background (update_async);
+                # at 0 it is applied here, synchronously
+                apply = b.table.update_async if b.table.effective_staleness_bound else b.table.update
                 if b.optimizer is None:
-                    b.table.update(b.keys, b.grads.numpy(), reader=self.reader)
+                    apply(b.keys, b.grads.numpy(), reader=self.reader)
                 else:
-                    b.table.update(b.keys, b.grads.numpy(), reader=self.reader, optimizer=b.optimizer)
+                    apply(b.keys, b.grads.numpy(), reader=self.reader, optimizer=b.optimizer)
                 updated[id(b.table)] = b.keys
         finally:  # after a failed update, the reads of the tables not updated are still given back
             self._release(done, updated)

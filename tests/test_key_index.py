@@ -100,3 +100,20 @@ def test_unique_helpers_match_numpy(n):
     uk, inv = dedup(keys)  # first-appearance order
     np.testing.assert_array_equal(uk, keys[np.sort(ref_first)])
     np.testing.assert_array_equal(uk[inv], keys)
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        np.array([1, 5, 9, 2**63, 2**64 - 1], dtype=np.uint64),  # sorted and distinct as uint64
+        np.array([-1, 3], dtype=np.int64),  # sorted as int64, not as uint64 (-1 is 2**64 - 1)
+        np.array([3, 3, 4], dtype=np.uint64),  # sorted, not distinct
+    ],
+)
+def test_unique_inverse_of_sorted_distinct_keys_is_theirs_in_a_new_array(keys):
+    uk, inv, first = unique_inverse(keys)
+    ref, ref_first, ref_inv = np.unique(keys.view(np.uint64), return_index=True, return_inverse=True)
+    np.testing.assert_array_equal(uk, ref)
+    np.testing.assert_array_equal(inv, ref_inv)
+    np.testing.assert_array_equal(first, ref_first)
+    assert uk.dtype == np.uint64 and not np.shares_memory(uk, keys)  # the store may keep uk

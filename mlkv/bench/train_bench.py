@@ -112,6 +112,8 @@ class RunResult:
     stall_share: float | None  # share of the timed wall time spent waiting for rows
     peak_rss_anon: int  # bytes, max over the repeats
     peak_rss_file: int
+    cpu_ms_per_step: float | None = None  # CPU time of all the run's threads per timed step, median
+    main_cpu_ms_per_step: float | None = None  # of the training thread alone
     repeats: list[float] = field(default_factory=list)  # samples/s of each repeat
     hit_rate_steps: list[float] = field(default_factory=list)  # per timed step, first repeat
     stall_steps: list[float] = field(default_factory=list)
@@ -457,7 +459,7 @@ def run_child(spec: dict) -> dict:
     hit_steps, stall_steps = [], []
     prev = first_stats = stats() if stats else None
     s0 = stall() if stall else 0.0
-    t0 = time.perf_counter()
+    t0, cpu0, main0 = time.perf_counter(), time.process_time(), time.thread_time()
     for _ in range(cfg.steps):
         ts = time.perf_counter()
         train(next(it))
@@ -469,6 +471,7 @@ def run_child(spec: dict) -> dict:
             prev = now
         peak.sample()
     wall = time.perf_counter() - t0
+    cpu, main_cpu = time.process_time() - cpu0, time.thread_time() - main0
     stall_s = (stall() - s0) if stall else None
     hits = None
     if stats:
@@ -479,6 +482,8 @@ def run_child(spec: dict) -> dict:
     return {
         "samples_per_s": cfg.batch * cfg.steps / wall,
         "wall_s": wall,
+        "cpu_ms_per_step": 1e3 * cpu / cfg.steps,
+        "main_cpu_ms_per_step": 1e3 * main_cpu / cfg.steps,
         "hit_rate": hits,
         "stall_share": stall_s / wall if stall_s is not None else None,
         "peak_rss_anon": peak.anon,
@@ -616,6 +621,8 @@ def run_train_bench(cfg: TrainConfig) -> dict:
                 ratio_torch_memory=rate / base_rate if base_rate else None,
                 hit_rate=med("hit_rate"),
                 stall_share=med("stall_share"),
+                cpu_ms_per_step=med("cpu_ms_per_step"),
+                main_cpu_ms_per_step=med("main_cpu_ms_per_step"),
                 peak_rss_anon=max(s["peak_rss_anon"] for s in got),
                 peak_rss_file=max(s["peak_rss_file"] for s in got),
                 repeats=[s["samples_per_s"] for s in got],
@@ -645,7 +652,7 @@ def format_report(report: dict) -> str:
         f"{sh['steps']} timed steps, torch threads {sh['threads']}, repeats {sh['repeats']}"
         + (f", memory limit {_mib(sh['memory_limit'])} MiB" if sh["memory_limit"] else ""),
         f"{'regime':6} {'configuration':28} {'samples/s':>10} {'x torch-mem':>11} {'hit rate':>8} "
-        f"{'stall':>6} {'anon MiB':>9} {'file MiB':>9}",
+        f"{'stall':>6} {'cpu ms/step':>11} {'anon MiB':>9} {'file MiB':>9}",
     ]
     for r in report["results"]:
         if r["skipped"]:
@@ -656,11 +663,12 @@ def format_report(report: dict) -> str:
         stall = f"{r['stall_share']:.0%}" if r["stall_share"] is not None else "-"
         lines.append(
             f"{r['regime']:6} {r['label']:28} {r['samples_per_s']:>10,.0f} {ratio:>11} {hit:>8} {stall:>6} "
-            f"{_mib(r['peak_rss_anon']):>9} {_mib(r['peak_rss_file']):>9}"
+            f"{r['cpu_ms_per_step']:>11.1f} {_mib(r['peak_rss_anon']):>9} {_mib(r['peak_rss_file']):>9}"
         )
     lines.append(
         "stall = share of the timed wall time waiting for rows (mlkv: stats()['stall_seconds']; naive: its "
-        "reads and writes); anon/file = peak RssAnon / RssFile of the run's process"
+        "reads and writes); cpu = CPU time of all the run's threads per step (steadier than samples/s on a "
+        "busy machine); anon/file = peak RssAnon / RssFile of the run's process"
     )
     return "\n".join(lines)
 

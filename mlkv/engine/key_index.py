@@ -290,10 +290,23 @@ def unique_keys(keys: np.ndarray) -> np.ndarray:
     return np.sort(dedup(keys)[0])
 
 
+@_kernel
+def _strictly_increasing(keys):
+    for i in range(1, keys.shape[0]):  # noqa: SIM110 - numba compiles the loop, not a generator
+        if keys[i] <= keys[i - 1]:
+            return False
+    return True
+
+
 def unique_inverse(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sorted distinct keys, inverse such that uk[inverse] == keys, index of each key's first occurrence):
-    a hashed pass, then a sort of the distinct keys only (Zipf batches repeat keys)."""
-    uniq, inverse, first = _dedup_all(keys)
+    a hashed pass, then a sort of the distinct keys only (Zipf batches repeat keys). Keys that are already
+    sorted and distinct (as uint64: what mlkv.torch hands the store after its own dedup) cost one pass."""
+    u = as_u64(keys)
+    if _strictly_increasing(u):
+        ident = np.arange(len(u), dtype=np.intp)
+        return u.copy(), ident, ident  # a copy, as otherwise: the store may keep it, the caller reuse theirs
+    uniq, inverse, first = _dedup_all(u)
     order = np.argsort(uniq)
     rank = np.empty(len(order), dtype=np.intp)
     rank[order] = np.arange(len(order))

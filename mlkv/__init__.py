@@ -9,10 +9,14 @@ from .errors import (
     ReadOnlyError,
     SchemaError,
     StalenessTimeout,
+    StorageError,
+    StorageFullError,
+    StorageIOError,
     StoreClosedError,
     StoreLockedError,
 )
 from .store import Store, Table
+from .store.applier import ApplierError
 
 
 def open(  # noqa: A001 - mlkv.open is the public name, as in the design contract
@@ -97,11 +101,15 @@ def open(  # noqa: A001 - mlkv.open is the public name, as in the design contrac
 __version__ = "0.1.0"
 
 __all__ = [
+    "ApplierError",
     "CorruptionError",
     "MlkvError",
     "ReadOnlyError",
     "SchemaError",
     "StalenessTimeout",
+    "StorageError",
+    "StorageFullError",
+    "StorageIOError",
     "StoreClosedError",
     "StoreLockedError",
     "Store",

@@ -9,9 +9,11 @@ training), trained by the matching torch optimizer (SGD, Adagrad, SparseAdam). T
 and optimizer state must agree to float32 rounding (rtol 1e-5): mlkv changes where rows live, not the math.
 The only difference in arithmetic is the order in which a key's per-occurrence gradients are summed.
 
-Bounds 1 and 4 are run too. In one thread a reader never waits for itself and every read sees every
-earlier update (staleness bounds waiting, it never serves old rows), so they must match to the same
-tolerance and never wait.
+Bounds 1 and 4 are run too. There the SparseOptimizer's updates are asynchronous (issue 10: the store's
+applier applies them in the background), so a read may miss up to `bound` queued updates and the rows
+part from the exact run; the test checks that no read missed more (the store's lag histogram), that every
+update went the asynchronous way, and that training tracks the exact run (mean loss of the last 10 steps
+within 1%; measured within 0.05%).
 """
 
 from __future__ import annotations
@@ -188,14 +190,12 @@ def test_mlkv_training_equals_torch(tmp_path, opt_name):
 
 @pytest.mark.parametrize("staleness", [1, 4])
 @pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
-def test_bounded_staleness_single_thread_matches_exact(tmp_path, opt_name, staleness):
-    """One thread never waits for itself and reads every update: same numbers as bound 0 (rtol 1e-5)."""
+def test_bounded_staleness_reads_miss_at_most_bound_updates_and_track_exact(tmp_path, opt_name, staleness):
+    """Asynchronous updates at bound s: no read misses more than s of them, the losses track bound 0."""
     losses, rows, _, stats = mlkv_run(tmp_path, opt_name, staleness=staleness)
-    ref_losses, ref_rows, _ = torch_run(opt_name)
-    assert np.isfinite(losses).all()
-    np.testing.assert_allclose(losses, ref_losses, rtol=RTOL)
-    for name in SIZES:
-        assert np.isfinite(rows[name]).all()
-        atol = ROW_ATOL.get(opt_name, ATOL)
-        np.testing.assert_allclose(rows[name], ref_rows[name], rtol=RTOL, atol=atol, err_msg=name)
-    assert stats["staleness_waits"] == 0
+    ref_losses, _, _ = torch_run(opt_name)
+    assert np.isfinite(losses).all() and all(np.isfinite(r).all() for r in rows.values())
+    assert stats["async_updates"] == len(SIZES) * STEPS  # one per table per step, all asynchronous
+    hist = stats["staleness_lag_hist"]
+    assert sum(hist[staleness + 1 :]) == 0, f"a read missed more than {staleness} updates: {hist}"
+    np.testing.assert_allclose(np.mean(losses[-10:]), np.mean(ref_losses[-10:]), rtol=0.01)

@@ -4,6 +4,7 @@ import os
 
 from . import init, optim
 from .errors import (
+    ApplierError,
     CorruptionError,
     MlkvError,
     ReadOnlyError,
@@ -16,7 +17,6 @@ from .errors import (
     StoreLockedError,
 )
 from .store import Store, Table
-from .store.applier import ApplierError
 
 
 def open(  # noqa: A001 - mlkv.open is the public name, as in the design contract

@@ -104,3 +104,9 @@ class StorageIOError(StorageError):
     """The device reported an I/O error (``errno.EIO``) while the store wrote or synced a file."""
 
     code = errno.EIO
+
+
+class ApplierError(MlkvError, RuntimeError):
+    """An asynchronous update (staleness bound >= 1) failed in the background; raised by the next call that
+    waits for the applier (update, step, zero_grad, flush, checkpoint, close). Later updates were not
+    applied; the last checkpoint is intact."""

@@ -24,11 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from ..errors import MlkvError
-
-
-class ApplierError(MlkvError, RuntimeError):
-    """A background (asynchronous) update failed; raised at the next call that waits for the applier."""
+from ..errors import ApplierError
 
 
 class Applier:

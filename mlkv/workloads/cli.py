@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..engine import ENGINES
+from ..errors import InvalidArgumentError
 
 KG_DATASETS = ("nations", "kinships", "umls", "ml100k-kg", "wordnet")
 KGE_MODELS = ("distmult", "complex", "transe")
@@ -243,16 +244,16 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 def _validate(args: argparse.Namespace) -> None:
     if args.distributed and args.baseline:
-        raise ValueError("--baseline trains in one process: run it without --distributed")
+        raise InvalidArgumentError("--baseline trains in one process: run it without --distributed")
     for flag in ("epochs", "batch_size", "threads"):
         if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+            raise InvalidArgumentError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.staleness_bound < 0 or args.lookahead < 0 or args.checkpoint_every < 0:
-        raise ValueError("--staleness-bound, --lookahead and --checkpoint-every must be >= 0")
+        raise InvalidArgumentError("--staleness-bound, --lookahead and --checkpoint-every must be >= 0")
     if args.workload == "dlrm" and args.dataset == "criteo" and not args.data:
-        raise ValueError("--dataset criteo needs --data FILE (a Criteo Kaggle/Terabyte file)")
+        raise InvalidArgumentError("--dataset criteo needs --data FILE (a Criteo Kaggle/Terabyte file)")
     if getattr(args, "data_workers", 0) < 0:
-        raise ValueError(f"--data-workers must be >= 0, got {args.data_workers}")
+        raise InvalidArgumentError(f"--data-workers must be >= 0, got {args.data_workers}")
 
 
 def make_workload(args: argparse.Namespace):

@@ -237,7 +237,7 @@ def train(workload: Workload, cfg: TrainConfig, backend: str = "mlkv") -> dict[s
     store's hit rate, stall time and the tables' size beside the memory budget.
     """
     if backend not in ("mlkv", "torch"):
-        raise ValueError(f"backend must be 'mlkv' or 'torch', got {backend!r}")
+        raise InvalidArgumentError(f"backend must be 'mlkv' or 'torch', got {backend!r}")
     if cfg.resume and (cfg.path is None or cfg.engine == "memory"):
         raise MlkvError("--resume needs --path of an on-disk store (engine slab or rocksdb)")
     if cfg.resume and cfg.overwrite:

@@ -121,11 +121,32 @@ def resume_step(store) -> int:
     return 0 if last is None else last[1]["step"] + 1
 
 
+def warm_up(engine: str, seed: int) -> None:
+    """One checkpointed stretch of the workload on a throwaway store, so that the compiled kernels are
+    loaded before "started" is printed: the kill delays then count from a warm process, and a loaded
+    machine does not push every random kill before the first checkpoint (fault points are not armed yet)."""
+    import shutil
+    import tempfile
+
+    import mlkv
+
+    tmp = tempfile.mkdtemp(prefix="mlkv-crash-warm-")
+    try:
+        with mlkv.open(os.path.join(tmp, "s"), engine=engine, cache_bytes=CACHE_BYTES) as store:
+            tables = open_tables(store)
+            for step in range(CKPT_EVERY):
+                run_step(store, tables, seed, step)
+            store.checkpoint({"step": CKPT_EVERY - 1})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     seed, path, engine = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     point = os.environ.pop("MLKV_CRASH_AT", None)  # armed later, see below
     arm_after = int(os.environ.get("MLKV_CRASH_AFTER", "0"))
     stop = int(os.environ.get("MLKV_WRITER_STOP", "-1"))
+    warm_up(engine, seed)
     if point and arm_after == 0:
         os.environ["MLKV_CRASH_AT"] = point
 

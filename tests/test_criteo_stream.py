@@ -244,23 +244,35 @@ def test_workers_end_when_the_loop_breaks_or_raises(three_files):
 
 
 def test_workers_exit_by_themselves_when_the_training_process_is_killed(tmp_path):
-    path = write(tmp_path / "many.txt", make_lines(5, 3000))
+    """Two streams whose worker processes are in different places when the consumer dies: one blocked on a
+    full queue, one done with its chunks but not yet delivered (its arrays, larger than a pipe's buffer,
+    still in the pipe); none may be left behind."""
+    path = write(tmp_path / "many.txt", make_lines(5, 3000))  # ~750 KB: 12 chunks of 64 KiB
     code = (
-        "import os\n"
+        "import os, time\n"
         "from mlkv.workloads.criteo_stream import CriteoStream\n"
-        f"s = CriteoStream([{path!r}], 1, workers=2, chunk_bytes=1024)\n"
-        "it = iter(s)\n"
-        "next(it)\n"
-        "print(' '.join(str(p.pid) for p in s.processes), flush=True)\n"
+        f"blocked = CriteoStream([{path!r}], 1, workers=2, chunk_bytes=1 << 16, queue_depth=1)\n"
+        f"finished = CriteoStream([{path!r}], 1, workers=2, chunk_bytes=1 << 16, queue_depth=8)\n"
+        "its = [iter(blocked), iter(finished)]\n"
+        "for it in its:\n"
+        "    next(it)\n"
+        "deadline = time.monotonic() + 60\n"
+        "while finished.processes[0].exitcode is None and time.monotonic() < deadline:\n"
+        "    time.sleep(0.05)  # its reader has handed over every chunk\n"
+        "print(' '.join(str(p.pid) for s in (blocked, finished) for p in s.processes), flush=True)\n"
+        "time.sleep(0.5)\n"
         "os.kill(os.getpid(), 9)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     pids = [int(x) for x in done.stdout.split()]
-    assert done.returncode == -9 and len(pids) == 3, done.stderr[-2000:]
+    assert done.returncode == -9 and len(pids) == 6, done.stderr[-2000:]
     deadline = time.monotonic() + 10
     while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not any(_running(pid) for pid in pids)
+    left = [pid for pid in pids if _running(pid)]
+    for pid in left:  # do not leave them to the rest of the test session
+        os.kill(pid, 9)
+    assert not left
 
 
 # ---- bad input -------------------------------------------------------------------------------------------

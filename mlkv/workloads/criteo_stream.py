@@ -40,6 +40,7 @@ import os
 import queue
 import re
 import signal
+import threading
 import time
 import weakref
 import zlib
@@ -214,20 +215,42 @@ def _error_item(e: BaseException) -> tuple[str, str, str]:
     return ("error", "internal", f"Criteo reader worker failed: {type(e).__name__}: {e}")
 
 
-def _put(q, item, deadline_check) -> bool:
-    """Put `item`, waiting while the queue is full; False if the consumer's process died meanwhile."""
+# A worker never outlives its consumer: whenever it waits (a full queue, an empty one, its last arrays still
+# in the pipe) it checks every _POLL_S that the consumer's process is alive, and if not, leaves at once with
+# os._exit: a normal exit would wait for its queues' feeder threads, which may be blocked forever writing to
+# a pipe that nobody reads (the worker itself holds the pipe's read end, so the write never fails).
+def _leave_if_orphaned() -> None:
+    parent = mp.parent_process()
+    if parent is not None and not parent.is_alive():
+        os._exit(0)
+
+
+def _put(q, item) -> None:
     while True:
         try:
             q.put(item, timeout=_POLL_S)
-            return True
+            return
         except queue.Full:
-            if not deadline_check():
-                return False
+            _leave_if_orphaned()
 
 
-def _parent_alive() -> bool:
-    parent = mp.parent_process()
-    return parent is None or parent.is_alive()
+def _get(q):
+    while True:
+        try:
+            return q.get(timeout=_POLL_S)
+        except queue.Empty:
+            _leave_if_orphaned()
+
+
+def _flush(queues) -> None:
+    """Wait until everything this process put is in the pipes, so that its exit does not block."""
+    for q in queues:
+        q.close()
+        joiner = threading.Thread(target=q.join_thread, daemon=True)
+        joiner.start()
+        while joiner.is_alive():
+            joiner.join(_POLL_S)
+            _leave_if_orphaned()
 
 
 def _worker_signals() -> None:
@@ -241,39 +264,34 @@ def _reader_main(spans, chunk_bytes, inqs, chunks_read) -> None:
     i = 0
     try:
         for raw in _raw_chunks(spans, chunk_bytes):
-            if not _put(inqs[i % n], raw, _parent_alive):
-                return
+            _put(inqs[i % n], raw)
             i += 1
             with chunks_read.get_lock():
                 chunks_read.value += 1
     except BaseException as e:  # delivered in order: the consumer raises it after the chunks before it
-        _put(inqs[i % n], _error_item(e), _parent_alive)
+        _put(inqs[i % n], _error_item(e))
     for k in range(n):  # the end, to every parser, starting with the one the next chunk would have gone to
-        if not _put(inqs[(i + k) % n], None, _parent_alive):
-            return
+        _put(inqs[(i + k) % n], None)
+    _flush(inqs)
 
 
 def _parser_main(inq, outq) -> None:
     _worker_signals()
     while True:
-        try:
-            raw = inq.get(timeout=_POLL_S)
-        except queue.Empty:
-            if not _parent_alive():
-                return
-            continue
-        if raw is None or isinstance(raw, tuple):  # the end, or an error from the reader: pass it on
-            _put(outq, raw, _parent_alive)
-            if raw is None:
-                return
+        raw = _get(inq)
+        if raw is None:  # the end
+            break
+        if isinstance(raw, tuple):  # an error from the reader: pass it on
+            _put(outq, raw)
             continue
         try:
             b = _parse(raw)
             item: Any = ("batch", b.labels, b.dense, b.cats)
         except BaseException as e:
             item = _error_item(e)
-        if not _put(outq, item, _parent_alive):
-            return
+        _put(outq, item)
+    _put(outq, None)
+    _flush([outq])
 
 
 def _context():

@@ -17,6 +17,7 @@ from .errors import (
     StoreLockedError,
 )
 from .store import Store, Table
+from .store.store import rollback
 
 
 def open(  # noqa: A001 - mlkv.open is the public name, as in the design contract
@@ -29,6 +30,8 @@ def open(  # noqa: A001 - mlkv.open is the public name, as in the design contrac
     create: bool = True,
     readonly: bool = False,
     io_threads: int = 4,
+    keep_checkpoints: int | None = None,
+    checkpoint: int | None = None,
 ) -> Store:
     r"""Open (or create) the store at `path`: a set of embedding tables on disk behind one memory tier.
 
@@ -63,6 +66,17 @@ def open(  # noqa: A001 - mlkv.open is the public name, as in the design contrac
             Default: ``False``.
         io_threads (int): threads that read rows announced by ``Table.lookahead`` in the background.
             Default: ``4``.
+        keep_checkpoints (int, optional): how many of the last checkpoints the store keeps (``>= 1``);
+            ``store.checkpoints()`` lists them and :func:`mlkv.rollback` returns to one. Given to a
+            writable open, the value is stored with the store (lowering it drops the oldest at once);
+            ``None`` keeps the stored value (1 for a new store: only the last checkpoint, as always).
+            Slab stores pay per kept checkpoint for what changed since the one before it. The rocksdb
+            engine keeps only 1 (:class:`UnsupportedError` otherwise). Default: ``None``.
+        checkpoint (int, optional): with ``readonly=True``, open the store as it was at this kept
+            checkpoint. Slab and memory stores take no lock for this, so it works while a writer has the
+            store open and continues; the view holds while the checkpoint stays kept (a writer drops it
+            `keep_checkpoints` checkpoints later). An id that is not kept raises
+            :class:`InvalidArgumentError` listing the kept ids. Default: ``None`` (the last checkpoint).
 
     Returns:
         Store: the open store (see :class:`mlkv.Store` for its methods).
@@ -73,8 +87,10 @@ def open(  # noqa: A001 - mlkv.open is the public name, as in the design contrac
         CorruptionError: the directory is damaged (a manifest, index log or marker fails its checks);
             the message names the file and offset.
         SchemaError: the directory is a store of another engine.
-        InvalidArgumentError: an argument has a wrong value (a ``ValueError``), e.g. ``engine="lmdb"``.
+        InvalidArgumentError: an argument has a wrong value (a ``ValueError``), e.g. ``engine="lmdb"``,
+            ``keep_checkpoints=0``, ``checkpoint=`` without ``readonly=True`` or of an id not kept.
         InvalidTypeError: an argument has a wrong type (a ``TypeError``).
+        UnsupportedError: ``keep_checkpoints > 1`` with ``engine="rocksdb"`` (a ``NotImplementedError``).
         FileNotFoundError: no store at `path` and ``create=False`` or ``readonly=True``.
 
     Example::
@@ -95,6 +111,8 @@ def open(  # noqa: A001 - mlkv.open is the public name, as in the design contrac
         create=create,
         readonly=readonly,
         io_threads=io_threads,
+        keep_checkpoints=keep_checkpoints,
+        checkpoint=checkpoint,
     )
 
 
@@ -117,4 +135,5 @@ __all__ = [
     "init",
     "open",
     "optim",
+    "rollback",
 ]

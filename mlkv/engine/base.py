@@ -8,6 +8,10 @@ checkpoint id there). Writes between checkpoints are visible to reads at once bu
 
 Batches: `keys` are 1-D uint64 arrays; `rows` are C-contiguous uint8 arrays of shape (len(keys), row_bytes).
 `write` and `delete` take distinct keys (the store deduplicates before it calls them).
+
+Checkpoint history: an engine may keep its last `keep_checkpoints` checkpoints (`checkpoints()` lists their
+metas, oldest first), open an older kept one readonly, and `rollback` to one. The default implementation
+keeps only the last checkpoint.
 """
 
 from __future__ import annotations
@@ -17,11 +21,21 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ..errors import InvalidArgumentError, UnsupportedError
+
+
+def check_keep(keep) -> None:
+    """InvalidArgumentError unless `keep` (keep_checkpoints) is an int >= 1."""
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise InvalidArgumentError(f"keep_checkpoints must be an int >= 1, got {keep!r}")
+
 
 class Engine(ABC):
     name: str = "?"
     #: seconds the last open spent recovering (index load and replay), reported by `mlkv info`
     recovery_seconds: float = 0.0
+    #: how many of the last checkpoints the engine keeps
+    keep_checkpoints: int = 1
 
     @abstractmethod
     def create_table(self, table: str, row_bytes: int) -> None:
@@ -62,6 +76,16 @@ class Engine(ABC):
     @abstractmethod
     def committed_meta(self) -> dict | None:
         """The meta of the last completed checkpoint, or None for a new engine."""
+
+    def checkpoints(self) -> list[dict]:
+        """The metas of the kept checkpoints, oldest first (the last one is `committed_meta()`)."""
+        meta = self.committed_meta()
+        return [] if meta is None else [meta]
+
+    def rollback(self, checkpoint_id: int) -> list[dict]:
+        """Make the kept checkpoint `checkpoint_id` the committed one and close the engine; return the metas
+        of the later checkpoints it dropped, oldest first."""
+        raise UnsupportedError(f"the {self.name} engine keeps only its last checkpoint: no rollback")
 
     @abstractmethod
     def verify(self) -> list[str]:

@@ -4,6 +4,9 @@ For tests, small jobs and as the in-memory limit in benchmarks. A checkpoint cop
 process-wide registry keyed by path (cost proportional to the table size: there is no disk to be clever
 about), so closing and reopening the same path in one process behaves like the durable engines: the state
 of the last checkpoint comes back. Nothing survives the process.
+
+Checkpoint history: the registry holds copies of the last `keep` committed states (a full copy each);
+`checkpoint=` opens one readonly, `rollback` drops the later ones.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..errors import ReadOnlyError
-from .base import Engine
+from ..errors import InvalidArgumentError, ReadOnlyError
+from .base import Engine, check_keep
 from .key_index import KeyIndex
 
-_REGISTRY: dict[str, tuple[dict, dict]] = {}
+# path -> {"keep": int, "states": [(meta, tables), ...] oldest first, the committed one last}
+_REGISTRY: dict[str, dict] = {}
 _REGISTRY_LOCK = threading.Lock()
 
 
@@ -49,13 +53,34 @@ class _MemoryTable:
 class MemoryEngine(Engine):
     name = "memory"
 
-    def __init__(self, path: str, readonly: bool = False):
+    def __init__(
+        self, path: str, readonly: bool = False, keep: int | None = None, checkpoint: int | None = None
+    ):
+        if keep is not None:
+            check_keep(keep)
+        if checkpoint is not None and not readonly:
+            raise InvalidArgumentError(f"checkpoint={checkpoint!r} needs readonly=True")
         self.path = os.path.abspath(path)
         self.readonly = readonly
         with _REGISTRY_LOCK:
-            saved = _REGISTRY.get(self.path)
-        self._meta = copy.deepcopy(saved[0]) if saved else None
-        self._tables: dict[str, _MemoryTable] = copy.deepcopy(saved[1]) if saved else {}
+            saved = _REGISTRY.get(self.path, {"keep": 1, "states": []})
+            if keep is not None and not readonly:
+                saved["keep"] = keep
+                del saved["states"][: max(0, len(saved["states"]) - keep)]
+                _REGISTRY[self.path] = saved
+            self.keep_checkpoints = saved["keep"]
+            states = list(saved["states"])
+        self._metas = [copy.deepcopy(m) for m, _ in states]
+        state = states[-1] if states else (None, {})
+        if checkpoint is not None:
+            ids = [m.get("checkpoint_id") for m in self._metas]
+            if checkpoint not in ids:
+                raise InvalidArgumentError(
+                    f"checkpoint {checkpoint!r} is not kept in {path}; kept checkpoints: {ids}"
+                )
+            state = states[ids.index(checkpoint)]
+        self._meta = copy.deepcopy(state[0])
+        self._tables: dict[str, _MemoryTable] = copy.deepcopy(state[1])
 
     def _writable(self) -> None:
         if self.readonly:
@@ -119,10 +144,30 @@ class MemoryEngine(Engine):
         self._writable()
         self._meta = copy.deepcopy(meta)
         with _REGISTRY_LOCK:
-            _REGISTRY[self.path] = (copy.deepcopy(meta), copy.deepcopy(self._tables))
+            saved = _REGISTRY.setdefault(self.path, {"keep": self.keep_checkpoints, "states": []})
+            saved["states"].append((copy.deepcopy(meta), copy.deepcopy(self._tables)))
+            del saved["states"][: max(0, len(saved["states"]) - saved["keep"])]
+            self._metas = [copy.deepcopy(m) for m, _ in saved["states"]]
 
     def committed_meta(self) -> dict | None:
         return self._meta
+
+    def checkpoints(self) -> list[dict]:
+        return copy.deepcopy(self._metas)
+
+    def rollback(self, checkpoint_id: int) -> list[dict]:
+        self._writable()
+        ids = [m.get("checkpoint_id") for m in self._metas]
+        if checkpoint_id not in ids:
+            raise InvalidArgumentError(
+                f"checkpoint {checkpoint_id!r} is not kept in {self.path}; kept checkpoints: {ids}"
+            )
+        with _REGISTRY_LOCK:
+            states = _REGISTRY[self.path]["states"]
+            dropped = [m for m, _ in states[ids.index(checkpoint_id) + 1 :]]
+            del states[ids.index(checkpoint_id) + 1 :]
+        self.close()
+        return dropped
 
     def verify(self) -> list[str]:
         return []

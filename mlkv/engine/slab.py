@@ -1,14 +1,28 @@
 """SlabEngine: the default engine. Each table is a SlotFile plus a vectorised in-memory key -> slot index.
 
-Crash consistency by shadow slots: a slot that the last checkpoint references is never overwritten. The
-first write of a key after a checkpoint goes to a fresh slot (later writes in the same epoch update that
-slot in place, like FASTER's mutable region); the old slot is freed only once the next checkpoint has
-committed. A checkpoint fsyncs the slot files, appends the changed (key, slot) pairs to each table's index
-log, and commits by replacing the manifest. After a crash, the manifest's index is exactly the last
-checkpoint and every slot it names still holds that checkpoint's bytes; slots written later are free space.
+Crash consistency by shadow slots: a slot that a kept checkpoint references is never overwritten. The first
+write of a key after a checkpoint goes to a fresh slot (later writes in the same epoch update that slot in
+place, like FASTER's mutable region). A checkpoint fsyncs the slot files, appends the changed (key, slot)
+pairs to each table's index log, and commits by replacing the manifest. After a crash, the manifest's index
+is exactly the last checkpoint and every slot it names still holds that checkpoint's bytes; slots written
+later are free space.
+
+Checkpoint history (`keep`, default 1). The manifest lists the last `keep` checkpoints: the committed one
+(top-level `meta`/`tables`, as before) and `history`, the older kept ones, oldest first, each with its meta
+and per-table states. A table state names a generation's snapshot and a committed length of its
+append-only log, so an older checkpoint's index is that snapshot plus that log prefix: keeping its files
+keeps it, and its cost is what changed since. The slots superseded in the epoch that ends with checkpoint
+c are last referenced by the checkpoint before c; they are freed only once that checkpoint is pruned (with
+keep=1: at c's commit, as before). So every slot of every kept checkpoint holds that checkpoint's bytes,
+and a readonly open at an older kept checkpoint (`checkpoint=`) may read while a writer continues: it
+loads the index at open and reads slots that no writer touches while that checkpoint stays kept (once the
+writer prunes it, reads may fail their key check or see later bytes). At open, the free slots are those no
+kept checkpoint names. `rollback` commits a manifest whose committed checkpoint is an older kept one and
+drops the later ones. Each of these is one atomic manifest replacement: a crash leaves the old or the new
+list of kept checkpoints, each intact.
 
 Files, and when they are deleted. The manifest is the only root: a table's files are `t<id>.slab`,
-`t<id>.<gen>.snap` and `t<id>.<gen>.log`, and the manifest names, per table, its id and its current gen.
+`t<id>.<gen>.snap` and `t<id>.<gen>.log`, and each kept checkpoint names, per table, its id and gen.
 A writable open of a directory without a manifest writes an empty one before anything else, so a store
 that has table files always has a manifest. Hence:
 - no manifest, but files named like table files: the manifest is lost, the store is damaged. Every open
@@ -16,12 +30,14 @@ that has table files always has a manifest. Hence:
   deleted or created. A damaged manifest (bad magic, version, length or CRC-32) raises the same way.
 - a file the manifest names is missing (`.slab`, `.snap`, or a `.log` it commits bytes of): CorruptionError
   naming the file; nothing is created in its place.
-- opening never deletes a file. Files are deleted only right after a checkpoint has committed a manifest,
-  and only those matching the patterns above that this manifest does not name: tables created after the
-  previous checkpoint by a process that then died (a writable open moves next_id past their ids, so they
-  are never reused), tables whose drop it commits (ids are never reused), and generations of a named table
-  other than its committed one (superseded, or begun by a checkpoint that never committed). Nothing the
-  committed manifest references, and no file of any other name, is ever deleted.
+- opening never deletes a file, except a writable open that lowers `keep`: it first commits the manifest
+  without the pruned checkpoints, then deletes as below. Files are deleted only right after a manifest
+  has committed (a checkpoint, a rollback, such an open), and only those matching the patterns above that
+  no checkpoint this manifest keeps names: tables created after the previous checkpoint by a process that
+  then died (a writable open moves next_id past their ids, so they are never reused), tables dropped
+  before every kept checkpoint (ids are never reused), and generations no kept checkpoint names
+  (superseded, begun by a checkpoint that never committed, or of checkpoints a rollback dropped). Nothing
+  a kept checkpoint references, and no file of any other name, is ever deleted.
 """
 
 from __future__ import annotations
@@ -33,10 +49,17 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..durable_files import fsync_dir, storage_errors
-from ..errors import CorruptionError, MlkvError, ReadOnlyError, StorageError, StorageFullError
+from ..errors import (
+    CorruptionError,
+    InvalidArgumentError,
+    MlkvError,
+    ReadOnlyError,
+    StorageError,
+    StorageFullError,
+)
 from ..faults import crash_point
 from . import index_log
-from .base import Engine
+from .base import Engine, check_keep
 from .key_index import KeyIndex, unique_keys
 from .manifest import FILE_NAME, read_manifest, table_files, write_manifest
 from .slot_file import SlotFile
@@ -44,10 +67,53 @@ from .slot_file import SlotFile
 _MIN_LOG_BYTES = 1 << 20
 
 
+def _state_files(state: dict) -> set[str]:
+    """The files a table state of the manifest names."""
+    tid, gen = state["id"], state["gen"]
+    names = {f"t{tid}.slab", f"t{tid}.{gen}.log"}
+    if state["has_snapshot"]:
+        names.add(f"t{tid}.{gen}.snap")
+    return names
+
+
+def _kept(manifest: dict) -> list[dict]:
+    """The checkpoints a manifest keeps, oldest first, the committed one last: {"seq", "meta", "tables"}.
+    A manifest of an earlier mlkv (no history) keeps one; a new store's (meta None) keeps none."""
+    current = {"seq": manifest.get("seq", 0), "meta": manifest["meta"], "tables": manifest["tables"]}
+    return [*manifest.get("history", []), *([current] if manifest["meta"] is not None else [])]
+
+
+def _manifest_files(manifest: dict) -> set[str]:
+    names = set()
+    for state in manifest["tables"].values():
+        names |= _state_files(state)
+    for entry in manifest.get("history", []):
+        for state in entry["tables"].values():
+            names |= _state_files(state)
+    return names
+
+
+def _last(items: list, n: int) -> list:
+    return items[max(0, len(items) - n) :]
+
+
+def _ids(entries: list[dict]) -> list:
+    return [e["meta"].get("checkpoint_id") for e in entries]
+
+
 class _SlabTable:
     """One table's slot file, index, and the bookkeeping that keeps checkpointed slots intact."""
 
-    def __init__(self, directory: str, tid: int, row_bytes: int, state: dict | None, readonly: bool):
+    def __init__(
+        self,
+        directory: str,
+        tid: int,
+        row_bytes: int,
+        state: dict | None,
+        readonly: bool,
+        older: list[tuple[int, dict]] = (),
+    ):
+        """`older`: (seq, state) of this table in the kept checkpoints before `state`, oldest first."""
         self.directory = directory
         self.tid = tid
         self.row_bytes = row_bytes
@@ -57,10 +123,7 @@ class _SlabTable:
         self.log_len = state["log_len"] if state else 0
         self.snapshot_pairs = state["snapshot_pairs"] if state else 0
         self.n_slots = state["n_slots"] if state else 0
-        snap = self._path(f"{self.gen}.snap") if state and state["has_snapshot"] else None
-        keys, slots = index_log.load(snap, self._path(f"{self.gen}.log"), self.log_len)
-        if len(slots) and int(slots.max()) >= self.n_slots:
-            raise CorruptionError(self._path(f"{self.gen}.log"), 0, "index names a slot past the table end")
+        keys, slots = self._load(state) if state else (np.empty(0, np.uint64), np.empty(0, np.int64))
         self.index = KeyIndex(len(keys))
         self.index.insert_new(keys, slots)
         self.file = SlotFile(self._path("slab"), row_bytes, readonly)
@@ -70,8 +133,17 @@ class _SlabTable:
         except BaseException:
             self.file.close()  # a failed open leaves no descriptor or mapping behind
             raise
+        # frozen: the slots some kept checkpoint references. retired: (seq, slots) whose last reference is
+        # the kept checkpoint `seq`, freed once it is pruned
         self.frozen = np.zeros(self.file.capacity, dtype=bool)
         self.frozen[slots] = True
+        self.retired: list[tuple[int, np.ndarray]] = []
+        for seq, st in reversed(older):
+            _, s = self._load(st)
+            s = s[~self.frozen[s]]
+            if len(s):
+                self.retired.append((seq, s))
+            self.frozen[s] = True
         self.free = np.flatnonzero(~self.frozen[: self.n_slots])
         self.pending_free: list[np.ndarray] = []
         self.changed: list[np.ndarray] = []
@@ -79,6 +151,15 @@ class _SlabTable:
 
     def _path(self, suffix: str) -> str:
         return os.path.join(self.directory, f"t{self.tid}.{suffix}")
+
+    def _load(self, state: dict) -> tuple[np.ndarray, np.ndarray]:
+        """The (keys, slots) of a committed table state: its snapshot plus its log prefix."""
+        gen = state["gen"]
+        snap = self._path(f"{gen}.snap") if state["has_snapshot"] else None
+        keys, slots = index_log.load(snap, self._path(f"{gen}.log"), state["log_len"])
+        if len(slots) and int(slots.max()) >= min(state["n_slots"], self.n_slots):
+            raise CorruptionError(self._path(f"{gen}.log"), 0, "index names a slot past the table end")
+        return keys, slots
 
     def state(self) -> dict:
         return {
@@ -90,12 +171,6 @@ class _SlabTable:
             "has_snapshot": self.has_snapshot,
             "snapshot_pairs": self.snapshot_pairs,
         }
-
-    def files(self) -> set[str]:
-        names = {f"t{self.tid}.slab", f"t{self.tid}.{self.gen}.log"}
-        if self.has_snapshot:
-            names.add(f"t{self.tid}.{self.gen}.snap")
-        return names
 
     def _allocate(self, n: int) -> np.ndarray:
         """n free slots, reserved on the device. Reuses freed slots first (the most recently freed: a slot
@@ -166,17 +241,22 @@ class _SlabTable:
         crash_point("slab:after_log")
         self._epoch_slots = slots[slots >= 0]
 
-    def committed(self) -> None:
-        """The manifest now names this epoch: freeze its slots, free the ones it replaced."""
-        if not self.changed:
-            return
-        self.frozen[self._epoch_slots] = True
-        if self.pending_free:
-            old = np.concatenate(self.pending_free)
+    def committed(self, prev_seq: int, oldest_seq: int) -> None:
+        """The manifest now names this epoch: freeze its slots; the ones it replaced were last referenced
+        by checkpoint `prev_seq`. Free every retired slot whose last reference is older than `oldest_seq`,
+        the oldest kept checkpoint."""
+        if self.changed:
+            self.frozen[self._epoch_slots] = True
+            if self.pending_free:
+                self.retired.append((prev_seq, np.concatenate(self.pending_free)))
+            self.pending_free.clear()
+            self.changed.clear()
+        if any(seq < oldest_seq for seq, _ in self.retired):
+            old = [s for seq, s in self.retired if seq < oldest_seq]
+            self.retired = [(seq, s) for seq, s in self.retired if seq >= oldest_seq]
+            old = np.concatenate(old)
             self.frozen[old] = False
             self.free = np.concatenate([self.free, old])
-        self.pending_free.clear()
-        self.changed.clear()
 
     def verify(self) -> list[str]:
         keys, slots = self.index.items()
@@ -203,7 +283,16 @@ class _SlabTable:
 class SlabEngine(Engine):
     name = "slab"
 
-    def __init__(self, path: str, readonly: bool = False):
+    def __init__(
+        self, path: str, readonly: bool = False, keep: int | None = None, checkpoint: int | None = None
+    ):
+        """`keep`: checkpoints to keep (None: the manifest's, 1 for a new store); a writable open that
+        changes it commits the manifest with the new value at once (pruning what it no longer keeps).
+        `checkpoint` (readonly only): open the kept checkpoint of that id instead of the last one."""
+        if keep is not None:
+            check_keep(keep)
+        if checkpoint is not None and not readonly:
+            raise InvalidArgumentError(f"checkpoint={checkpoint!r} needs readonly=True")
         self.path = path
         self.readonly = readonly
         os.makedirs(path, exist_ok=True)
@@ -219,34 +308,107 @@ class SlabEngine(Engine):
                     f"the manifest is missing, but the directory holds table files ({shown}); refusing to "
                     "open: restore MANIFEST from a backup, or delete the table files to start empty",
                 )
+            manifest = {"engine": self.name, "next_id": 0, "meta": None, "tables": {}, "keep": keep or 1}
             if not readonly:  # from here on this store's table files always have a manifest beside them
-                write_manifest(path, {"engine": self.name, "next_id": 0, "meta": None, "tables": {}})
-        self._meta = manifest["meta"] if manifest else None
-        self._next_id = manifest["next_id"] if manifest else 0
+                write_manifest(path, manifest)
+            keep = None
+        next_id = manifest["next_id"]
+        if not readonly:  # table files of ids the manifest has not issued: a crashed process's, never reused
+            for f in table_files(path):
+                next_id = max(next_id, int(f[1:].split(".")[0]) + 1)
+        if not readonly and keep is not None and keep != manifest.get("keep", 1):
+            # history beyond the new keep goes now: commit the shorter list, then delete what it drops
+            kept = _kept(manifest)
+            older = _last(kept[: len(kept) - 1], keep - 1)
+            manifest = {**manifest, "next_id": next_id, "keep": keep, "history": older}
+            write_manifest(path, manifest)
+            self._remove_orphans(manifest)
+        self.keep_checkpoints = manifest.get("keep", 1)
         self._tables: dict[str, _SlabTable] = {}
+        if checkpoint is not None:
+            manifest = self._open_checkpoint(manifest, checkpoint)
+        else:
+            self._load_tables(manifest)
+        self._manifest = manifest
+        self._next_id = next_id
+        self._dropped: list[_SlabTable] = []
+        self._failed: OSError | None = None  # a checkpoint failure that rules out further checkpoints
+        self.recovery_seconds = time.perf_counter() - start
+
+    def _load_tables(self, manifest: dict) -> None:
+        """Open the tables of the manifest's committed checkpoint; a writable open accounts for the slots
+        of every kept checkpoint."""
+        history = [] if self.readonly else manifest.get("history", [])
         try:
-            for name, st in (manifest["tables"] if manifest else {}).items():
-                self._tables[name] = _SlabTable(path, st["id"], st["row_bytes"], st, readonly)
+            for name, st in manifest["tables"].items():
+                tid = st["id"]
+                older = [(e["seq"], o) for e in history for o in e["tables"].values() if o["id"] == tid]
+                self._tables[name] = _SlabTable(self.path, tid, st["row_bytes"], st, self.readonly, older)
         except BaseException:  # a damaged table: the ones loaded before it leave no descriptor behind
             for t in self._tables.values():
                 t.file.close()
+            self._tables.clear()
             raise
-        self._dropped: list[_SlabTable] = []
-        self._failed: OSError | None = None  # a checkpoint failure that rules out further checkpoints
-        if not readonly:  # table files of ids the manifest has not issued: a crashed process's, never reused
-            for f in table_files(path):
-                self._next_id = max(self._next_id, int(f[1:].split(".")[0]) + 1)
-        self.recovery_seconds = time.perf_counter() - start
 
-    def _remove_orphans(self) -> None:
-        """Delete the table files the manifest just committed does not name (module header); `_tables` are
-        exactly the tables it names."""
-        keep = set()
-        for t in self._tables.values():
-            keep |= t.files()
+    def _open_checkpoint(self, manifest: dict, checkpoint: int) -> dict:
+        """Load the kept checkpoint `checkpoint`, as the manifest to use. A writer may commit (and delete
+        files of pruned checkpoints) meanwhile: a file missing under a manifest that changed is retried."""
+        for _ in range(100):
+            entries = _kept(manifest)
+            found = [e for e in entries if e["meta"].get("checkpoint_id") == checkpoint]
+            if not found:
+                raise InvalidArgumentError(
+                    f"checkpoint {checkpoint!r} is not kept in {self.path}; kept checkpoints: {_ids(entries)}"
+                )
+            entry = found[0]
+            try:
+                self._load_tables(entry)
+            except CorruptionError:
+                now = read_manifest(self.path)
+                if now == manifest:
+                    raise
+                manifest = now
+                continue
+            return {**manifest, "meta": entry["meta"], "tables": entry["tables"]}
+        raise MlkvError(f"{self.path}: the manifest kept changing while checkpoint {checkpoint} was opened")
+
+    def _remove_orphans(self, manifest: dict) -> None:
+        """Delete the table files that no checkpoint of the manifest just committed names (module header)."""
+        keep = _manifest_files(manifest)
         for f in table_files(self.path):
             if f not in keep:
                 os.remove(os.path.join(self.path, f))
+
+    def checkpoints(self) -> list[dict]:
+        return [e["meta"] for e in _kept(self._manifest)]
+
+    def rollback(self, checkpoint_id: int) -> list[dict]:
+        """Make the kept checkpoint `checkpoint_id` the committed one: the later ones are dropped (their
+        files deleted once the new manifest has committed). Call it on a fresh writable open, before any
+        write; the engine is closed afterwards. Returns the dropped checkpoints' metas, oldest first."""
+        self._writable()
+        entries = _kept(self._manifest)
+        at = [i for i, e in enumerate(entries) if e["meta"].get("checkpoint_id") == checkpoint_id]
+        if not at:
+            raise InvalidArgumentError(
+                f"checkpoint {checkpoint_id!r} is not kept in {self.path}; kept checkpoints: {_ids(entries)}"
+            )
+        i = at[0]
+        dropped = entries[i + 1 :]
+        self.close()
+        if dropped:
+            target = entries[i]
+            body = {
+                **self._manifest,
+                "next_id": self._next_id,  # ids of the dropped checkpoints' tables are not reused either
+                "seq": target["seq"],
+                "meta": target["meta"],
+                "tables": target["tables"],
+                "history": entries[:i],
+            }
+            write_manifest(self.path, body)
+            self._remove_orphans(body)
+        return [e["meta"] for e in dropped]
 
     def _writable(self) -> None:
         if self.readonly:
@@ -309,31 +471,38 @@ class SlabEngine(Engine):
                 # the new slab, snapshot and log files' directory entries, durable before a manifest names
                 # them: after a power loss the rename alone could be on disk (tests/test_fault_campaigns.py)
                 fsync_dir(self.path)
+                kept = _kept(self._manifest)
+                history = _last(kept, self.keep_checkpoints - 1)
                 body = {
                     "engine": self.name,
                     "next_id": self._next_id,
+                    "seq": self._manifest.get("seq", 0) + 1,
+                    "keep": self.keep_checkpoints,
                     "meta": meta,
                     "tables": {name: t.state() for name, t in self._tables.items()},
+                    "history": history,
                 }
-                write_manifest(self.path, body, after_rename=lambda: self._committed(meta))
+                write_manifest(self.path, body, after_rename=lambda: self._committed(body))
         except OSError as e:
             if not isinstance(e, StorageFullError) or e.fsync_failed:
                 self._failed = e
             raise
-        self._remove_orphans()
+        self._remove_orphans(body)
 
-    def _committed(self, meta: dict) -> None:
+    def _committed(self, body: dict) -> None:
         """The new manifest is in place (its directory not yet synced): it is the state from now on."""
         crash_point("manifest:after_rename")
-        self._meta = meta
+        prev_seq = self._manifest.get("seq", 0)
+        self._manifest = body
+        oldest = body["history"][0]["seq"] if body["history"] else body["seq"]
         for t in self._tables.values():
-            t.committed()
+            t.committed(prev_seq, oldest)
         for t in self._dropped:
             t.file.close()
         self._dropped.clear()
 
     def committed_meta(self) -> dict | None:
-        return self._meta
+        return self._manifest["meta"]
 
     def verify(self) -> list[str]:
         problems = []

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..durable_files import replace_atomically
 from ..engine import ENGINES, open_engine
+from ..engine.base import check_keep
 from ..engine.manifest import table_files
 from ..errors import (
     CorruptionError,
@@ -128,6 +129,10 @@ class Store:
         create (bool): create the store when there is none at `path`.
         readonly (bool): open for reading only (shared lock; writes raise :class:`ReadOnlyError`).
         io_threads (int): background threads reading looked-ahead rows.
+        keep_checkpoints (int, optional): how many of the last checkpoints to keep (``None``: as stored,
+            1 for a new store); given to a writable open, it is stored with the store.
+        checkpoint (int, optional): with ``readonly=True``, open the kept checkpoint of that id (slab and
+            memory engines: also while a writer has the store open).
 
     Attributes:
         path (str): the store directory.
@@ -135,6 +140,7 @@ class Store:
         engine_name (str): the engine.
         staleness_bound (int): the default bound of its tables.
         readonly (bool): whether writes are refused.
+        keep_checkpoints (int): how many of the last checkpoints the store keeps.
 
     Raises:
         StoreLockedError: another writer holds the store (the message names its pid).
@@ -155,8 +161,23 @@ class Store:
         create: bool = True,
         readonly: bool = False,
         io_threads: int = 4,
+        keep_checkpoints: int | None = None,
+        checkpoint: int | None = None,
     ):
         path = os.fspath(path)
+        if keep_checkpoints is not None:
+            check_keep(keep_checkpoints)
+            if readonly:
+                raise InvalidArgumentError(
+                    f"keep_checkpoints={keep_checkpoints} changes the store: not with readonly=True"
+                )
+        if checkpoint is not None:
+            if isinstance(checkpoint, bool) or not isinstance(checkpoint, int):
+                raise InvalidTypeError(f"checkpoint must be an int checkpoint id, got {checkpoint!r}")
+            if not readonly:
+                raise InvalidArgumentError(
+                    f"checkpoint={checkpoint} opens a kept checkpoint for reading: pass readonly=True"
+                )
         if engine not in ENGINES:
             raise InvalidArgumentError(f"engine must be one of {ENGINES}, got {engine!r}")
         if isinstance(staleness_bound, bool) or not isinstance(staleness_bound, int) or staleness_bound < 0:
@@ -183,12 +204,14 @@ class Store:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._engine_lock = RWLock()
-        self._file_lock = StoreLock(path, readonly, on_disk)
+        # a kept checkpoint's files are never changed while it is kept: reading one needs no lock (slab)
+        self._file_lock = StoreLock(path, readonly, on_disk and (checkpoint is None or engine == "rocksdb"))
         try:
-            self._engine = open_engine(engine, path, readonly)
+            self._engine = open_engine(engine, path, readonly, keep_checkpoints, checkpoint)
         except BaseException:
             self._file_lock.release()
             raise
+        self.keep_checkpoints = self._engine.keep_checkpoints
         meta = self._engine.committed_meta() or {}
         self._schemas: dict[str, dict] = dict(meta.get("tables", {}))
         self._last = (meta["checkpoint_id"], meta.get("metadata")) if "checkpoint_id" in meta else None
@@ -499,6 +522,20 @@ class Store:
         ``None`` if the store has none."""
         return self._last
 
+    def checkpoints(self) -> list[tuple[int, dict | None]]:
+        """``(id, metadata)`` of each kept checkpoint (the last ``keep_checkpoints``), oldest first.
+
+        A store opened with ``checkpoint=ID`` lists those kept when it was opened.
+
+        Raises:
+            StoreClosedError: the store is closed.
+        """
+        with self._lock:
+            self._check_open()
+            with self._engine_lock.read():
+                metas = self._engine.checkpoints()
+        return [(m["checkpoint_id"], m.get("metadata")) for m in metas if "checkpoint_id" in m]
+
     # ---- reporting ----------------------------------------------------------------------------------
     def stats(self) -> dict:
         """Counters since open (or :meth:`reset_stats`) and the current memory use, as a new dict.
@@ -621,6 +658,52 @@ class Store:
         return f"mlkv.Store({self.path!r}, engine={self.engine_name!r}, {state})"
 
 
+def rollback(
+    path: str | os.PathLike, checkpoint_id: int, *, engine: str | None = None
+) -> list[tuple[int, dict | None]]:
+    """Make the kept checkpoint `checkpoint_id` of the store at `path` its last one.
+
+    The checkpoints after it are dropped (their files deleted); the next checkpoint gets id
+    ``checkpoint_id + 1``. One atomic manifest replacement: a crash leaves either the old list of kept
+    checkpoints or the new one. Rolling back to the last checkpoint changes nothing.
+
+    Args:
+        path (str or os.PathLike): the store directory (a name, for ``engine="memory"``).
+        checkpoint_id (int): a kept checkpoint's id (see :meth:`Store.checkpoints`).
+        engine (str, optional): the store's engine; ``None`` reads it from the store's marker.
+
+    Returns:
+        list[tuple[int, dict | None]]: ``(id, metadata)`` of the dropped checkpoints, oldest first.
+
+    Raises:
+        StoreLockedError: another opener (a writer, or readonly opens) holds the store.
+        InvalidArgumentError: `checkpoint_id` is not kept (the message lists the kept ids).
+        UnsupportedError: the engine keeps no history (rocksdb), for an id other than the last.
+        FileNotFoundError: no store at `path`.
+    """
+    if isinstance(checkpoint_id, bool) or not isinstance(checkpoint_id, int):
+        raise InvalidTypeError(f"checkpoint_id must be an int, got {checkpoint_id!r}")
+    path = os.fspath(path)
+    if engine is None:
+        try:
+            with open(os.path.join(path, _MARKER), "rb") as f:
+                engine = json.loads(f.read()).get("engine")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no mlkv store at {path}") from None
+        except (ValueError, AttributeError):
+            engine = None  # Store raises the damaged marker's CorruptionError
+    store = Store(path, engine=engine or "slab", create=False, io_threads=1)
+    try:
+        ids = [i for i, _ in store.checkpoints()]
+        if ids and checkpoint_id == ids[-1]:
+            return []
+        with store._lock, store._engine_lock.write():
+            dropped = store._engine.rollback(checkpoint_id)
+    finally:
+        store.close(checkpoint=False)
+    return [(m["checkpoint_id"], m.get("metadata")) for m in dropped if "checkpoint_id" in m]
+
+
 def open_store(path: str | os.PathLike, **kwargs) -> Store:
     """Open (or create) the store at `path`. See Store for the arguments.
 
@@ -636,4 +719,4 @@ def open_store(path: str | os.PathLike, **kwargs) -> Store:
     return Store(path, **kwargs)
 
 
-__all__ = ["Store", "open_store"]
+__all__ = ["Store", "open_store", "rollback"]

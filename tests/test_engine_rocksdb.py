@@ -399,7 +399,7 @@ def test_corrupt_value_raises_and_verify_reports(tmp_path, damage, what):
     with pytest.raises(CorruptionError) as err:
         e.read("t", ks)
     assert err.value.file == os.path.abspath(path)
-    assert err.value.offset == 2
+    assert (err.value.table, err.value.key, err.value.offset) == ("t", 2, None)  # a key, not a file offset
     assert what in str(err.value)
     with pytest.raises(CorruptionError):
         list(e.scan("t", 10))

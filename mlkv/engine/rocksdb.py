@@ -251,7 +251,11 @@ class RocksDBEngine(Engine):
                 f"({', '.join(data[:4])}); not opened (RocksDB would start a new database and delete them)",
             )
         if readonly:
-            raise CorruptionError(self.path, None, "the RocksDB database is missing (no CURRENT file)")
+            if not names:
+                raise FileNotFoundError(f"no RocksDB database at {self.path}")
+            raise CorruptionError(
+                current, None, f"RocksDB's CURRENT file is missing ({len(names)} other files)"
+            )
         os.makedirs(self.path, exist_ok=True)
 
     def _options(self) -> Options:

@@ -108,6 +108,10 @@ def _check_marker(path: str, engine: str, create: bool) -> None:
             raise CorruptionError(marker, 0, f"not an mlkv store marker: {raw[:60]!r}")
         if found.get("engine") != engine:
             raise SchemaError(f"{path} is a {found.get('engine')!r} store, opened with engine={engine!r}")
+        if engine == "rocksdb" and not create and not os.path.isdir(os.path.join(path, "rocksdb")):
+            raise CorruptionError(
+                os.path.join(path, "rocksdb"), None, "the RocksDB database directory is missing"
+            )
     elif create:
         body = json.dumps({"format": FORMAT, "engine": engine}).encode()
         replace_atomically(marker, lambda f: f.write(body))

@@ -298,6 +298,21 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return train_bench.main(args)
 
 
+# ---- rollback -------------------------------------------------------------------------------------------
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """Make kept checkpoint ID the last one (mlkv.rollback); print what it dropped."""
+    dropped = mlkv.rollback(args.path, args.id, engine=store_engine(args.path))
+    if args.json:
+        print(json.dumps({"path": args.path, "checkpoint": args.id, "dropped": [i for i, _ in dropped]}))
+    elif not dropped:
+        print(f"{args.path}: checkpoint {args.id} is already the last one; nothing dropped")
+    else:
+        print(f"{args.path}: checkpoint {args.id} is now the last one; dropped {len(dropped)} later:")
+        for i, metadata in dropped:
+            print(f"  checkpoint {i}  metadata {json.dumps(metadata)}")
+    return 0
+
+
 # ---- parser and entry point -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -312,6 +327,18 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path", metavar="PATH", help="store directory")
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     info.set_defaults(func=cmd_info)
+
+    rollback = sub.add_parser(
+        "rollback",
+        help="make an older kept checkpoint the last one, dropping the later ones",
+        description="Make kept checkpoint ID (see `mlkv info`, or store.checkpoints()) the store's last "
+        "checkpoint. The later checkpoints are dropped for good; the ones dropped are printed. Refused "
+        "while the store is open elsewhere.",
+    )
+    rollback.add_argument("path", metavar="PATH", help="store directory")
+    rollback.add_argument("id", metavar="ID", type=int, help="id of a kept checkpoint")
+    rollback.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    rollback.set_defaults(func=cmd_rollback)
 
     check = sub.add_parser("check", help="verify every checksum; exit 1 if the store is damaged")
     check.add_argument("path", metavar="PATH", help="store directory")

@@ -301,3 +301,29 @@ def test_add_param_group_is_refused(store):
     with pytest.raises(NotImplementedError, match="one param group per table") as e:
         opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)]})
     assert isinstance(e.value, mlkv.MlkvError) and len(opt.param_groups) == 1
+
+
+def test_checkpoint_restores_the_sparse_optimizer_lr_schedule(tmp_path):
+    """save_checkpoint(sparse_optimizer=...) keeps the scheduled learning rate: a resumed run steps on with
+    the lr the schedule had reached, not the table's initial one."""
+    import mlkv.torch
+
+    path = tmp_path / "s"
+    with mlkv.open(path) as store:
+        t = store.table("e", dim=2, optimizer=mlkv.optim.SGD(lr=1.0))
+        emb = mlkv.torch.Embedding(t)
+        opt = mlkv.torch.SparseOptimizer([emb])
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        for _ in range(3):
+            emb(torch.tensor([1, 2])).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+        mlkv.torch.save_checkpoint(store, emb, None, tmp_path / "dense", sparse_optimizer=opt)
+    with mlkv.open(path) as store:
+        t = store.table("e")
+        emb = mlkv.torch.Embedding(t)
+        opt = mlkv.torch.SparseOptimizer([emb])
+        assert opt.param_groups[0]["lr"] == 1.0
+        mlkv.torch.load_checkpoint(store, emb, None, tmp_path / "dense", sparse_optimizer=opt)
+        assert opt.param_groups[0]["lr"] == 0.125

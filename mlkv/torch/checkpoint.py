@@ -32,6 +32,7 @@ def save_checkpoint(
     dense_optimizer: torch.optim.Optimizer | None,
     path: str | os.PathLike,
     metadata: dict | None = None,
+    sparse_optimizer=None,
 ) -> int:
     """Checkpoint the store's rows together with the dense state of `model` and `dense_optimizer`.
 
@@ -41,10 +42,13 @@ def save_checkpoint(
         dense_optimizer: a torch optimizer whose ``state_dict()`` is saved, or None.
         path: a directory for the dense files (created if missing); use one directory per store.
         metadata: extra JSON-able entries stored in the store checkpoint (e.g. ``{"step": 1000}``).
+        sparse_optimizer: a :class:`SparseOptimizer` whose ``state_dict()`` (learning rates and other
+            hyper-parameters of its param groups, as LR schedulers set them) is saved too, or None.
 
-    Returns the checkpoint id. Dense files of older checkpoints in `path` are deleted once the new checkpoint
-    is committed (the store can only ever recover its last checkpoint). Call it between steps, after
-    ``sparse_optimizer.step()``, so that no gradient is pending.
+    Returns the checkpoint id. Dense files of checkpoints the store no longer keeps are deleted once the
+    new checkpoint is committed (with ``keep_checkpoints=1``, every older one). Call it between steps,
+    after ``sparse_optimizer.step()``, so that no gradient is pending; asynchronous updates still queued
+    (staleness bound >= 1) are applied before the cut.
     """
     extra = dict(metadata or {})
     if "dense" in extra:
@@ -58,17 +62,27 @@ def save_checkpoint(
         "checkpoint_id": ckpt,
         "model": model.state_dict(),
         "optimizer": dense_optimizer.state_dict() if dense_optimizer is not None else None,
+        "sparse_optimizer": sparse_optimizer.state_dict() if sparse_optimizer is not None else None,
     }
     final = os.path.join(path, name)
     replace_atomically(final, lambda f: torch.save(payload, f))
     got = store.checkpoint({"dense": name, **extra})
     if got != ckpt:
         raise MlkvError(f"store assigned checkpoint id {got}, expected {ckpt}; dense state saved as {final}")
+    kept = _kept_ids(store, ckpt)
     for entry in os.listdir(path):
         m = _DENSE.match(entry)
-        if m and int(m.group(1)) < ckpt:
+        if m and int(m.group(1)) < ckpt and int(m.group(1)) not in kept:
             os.remove(os.path.join(path, entry))
     return ckpt
+
+
+def _kept_ids(store, last: int) -> set[int]:
+    """Checkpoint ids the store keeps (its checkpoint history), or just the last one."""
+    listing = getattr(store, "checkpoints", None)
+    if listing is None:
+        return {last}
+    return {int(i) for i, _ in listing()}
 
 
 def load_checkpoint(
@@ -76,11 +90,13 @@ def load_checkpoint(
     model: nn.Module,
     dense_optimizer: torch.optim.Optimizer | None,
     path: str | os.PathLike,
+    sparse_optimizer=None,
 ) -> dict:
     """Restore the dense state that belongs to the store's last checkpoint (the rows it recovered).
 
-    Loads ``model`` (and ``dense_optimizer`` unless None) from the dense file in `path` named by
-    ``store.last_checkpoint()``. Returns that checkpoint's metadata (with ``"checkpoint_id"`` added).
+    Loads ``model`` (and ``dense_optimizer`` and ``sparse_optimizer`` unless None) from the dense file in
+    `path` named by ``store.last_checkpoint()``. Returns that checkpoint's metadata (with
+    ``"checkpoint_id"`` added).
     Raises MlkvError when the store has no checkpoint, when its last checkpoint carries no dense state
     (rows were checkpointed later, e.g. by ``store.close()`` after more training), or when the dense file
     is missing or belongs to another checkpoint.
@@ -110,4 +126,8 @@ def load_checkpoint(
         if payload["optimizer"] is None:
             raise MlkvError(f"{file} was saved without a dense optimizer state")
         dense_optimizer.load_state_dict(payload["optimizer"])
+    if sparse_optimizer is not None:
+        if payload.get("sparse_optimizer") is None:
+            raise MlkvError(f"{file} was saved without a sparse optimizer state")
+        sparse_optimizer.load_state_dict(payload["sparse_optimizer"])
     return {**meta, "checkpoint_id": ckpt}

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..engine.key_index import KeyIndex, dedup, unique_inverse, unique_keys
 from ..errors import InvalidArgumentError, InvalidTypeError, MlkvError
+from ..optim import Adagrad
 from .admission import DEFAULT_WIDTH, AdmissionSketch
 from .memory_tier import MemoryTier
 from .staleness import StalenessGate
@@ -514,9 +515,19 @@ class Table:
                 uk, summed = uk[stored], summed[stored]
                 if not len(uk):
                     return
+        opt = self.optimizer if optimizer is None else optimizer
+        if not outside_lock and not self._age and type(opt) is Adagrad:
+            slots = self.tier.lookup(uk)
+            if slots.min(initial=0) >= 0:  # all resident: the step in place, one kernel over the rows
+                self._store._stats["hits"] += len(uk)
+                self.step += 1
+                self.tier.adagrad(slots, summed, opt.lr, opt.eps)
+                self._store._changed = True
+                self._gate.resolve(uk, reader)
+                return
         slots, rows = self._gather(uk, True)
         self.step += 1
-        opt, step = self.optimizer if optimizer is None else optimizer, self.step
+        step = self.step
 
         def apply() -> None:
             opt.apply(self._opt_rows(rows), summed, step)

@@ -292,8 +292,8 @@ def test_torchrun_two_ranks_match_one_process_losses_rows_and_reshard(single_run
         for name in ("dlrm.C1", "dlrm.C26"):
             keys = np.array(sorted(single_run["rows"][name]), dtype=np.int64)
             got, want = s.table(name).optimizer_state(keys), ref.table(name).optimizer_state(keys)
-            for k in want:  # Adagrad's accumulators moved with the rows
-                np.testing.assert_allclose(got[k], want[k], rtol=1e-5)
+            for k in want:  # Adagrad's accumulators moved with the rows (tolerance: see _assert_same_rows)
+                assert np.linalg.norm(got[k] - want[k]) <= 1e-4 * np.linalg.norm(want[k]), (name, k)
             assert s.table(name).step == ref.table(name).step
         assert os.path.exists(os.path.join(one_shard, "dlrm-dense", s.last_checkpoint()[1]["dense"]))
 

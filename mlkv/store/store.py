@@ -91,6 +91,22 @@ def _lifetime_options(admit_after, ttl_steps, max_rows, expire_on_checkpoint) ->
     return out
 
 
+def process_memory() -> tuple[int | None, int | None]:
+    """(anonymous, file-backed) resident bytes of this whole process: RssAnon and RssFile + RssShmem of
+    /proc/self/status (None, None where there is no such file). Anonymous memory holds the memory tiers,
+    the key indexes and everything else the process allocates; file-backed memory is mapped file pages
+    (the slab files' pages read or written through their mapping, and shared libraries)."""
+    try:
+        with open("/proc/self/status") as f:
+            found = {k: int(v.split()[0]) * 1024 for k, _, v in (line.partition(":") for line in f)
+                     if k in ("RssAnon", "RssFile", "RssShmem")}  # fmt: skip
+    except (OSError, ValueError):
+        return None, None
+    if "RssAnon" not in found:
+        return None, None
+    return found["RssAnon"], found.get("RssFile", 0) + found.get("RssShmem", 0)
+
+
 def _check_marker(path: str, engine: str, create: bool) -> None:
     """Each store directory names its engine, so opening it with another engine is an error, not data loss.
     A missing marker beside engine files is damage (`lost_marker`)."""
@@ -549,7 +565,9 @@ class Store:
         ``staleness_wait_seconds``, ``lookahead_rows``, ``lookahead_dropped``, ``evictions``,
         ``rows_written_back``, ``bytes_read``, ``bytes_written``, ``memory_tier_bytes`` (never above
         ``cache_bytes``), ``memory_tier_rows``, ``cache_bytes``, ``recovery_seconds`` (spent by this open)
-        and ``writeback_pending``; ``docs/API.md`` lists them all.
+        and ``writeback_pending``; ``docs/API.md`` lists them all. ``rss_anon_bytes`` and
+        ``rss_file_bytes``: the whole process's anonymous and file-backed resident memory (None off
+        Linux), what a container limit sees, apart: mapped slab pages count as file-backed.
         """
         with self._lock:
             s = dict(self._stats)
@@ -565,7 +583,8 @@ class Store:
             for t in self._tables.values():
                 lag += t._gate.lag_hist
             s["staleness_lag_hist"] = lag.tolist()
-            return s
+        s["rss_anon_bytes"], s["rss_file_bytes"] = process_memory()
+        return s
 
     def reset_stats(self) -> None:
         """Set the counters of :meth:`stats` back to zero (the memory-use figures are not counters)."""

@@ -42,6 +42,7 @@ that has table files always has a manifest. Hence:
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -170,6 +171,7 @@ class _SlabTable:
             "n_slots": self.n_slots,
             "has_snapshot": self.has_snapshot,
             "snapshot_pairs": self.snapshot_pairs,
+            "rows": len(self.index),  # live keys: `mlkv info` reads it without loading the index
         }
 
     def _allocate(self, n: int) -> np.ndarray:
@@ -260,8 +262,7 @@ class _SlabTable:
 
     def verify(self) -> list[str]:
         keys, slots = self.index.items()
-        order = np.argsort(slots)
-        return self.file.verify_slots(keys[order], slots[order])
+        return self.file.verify(keys, slots, self.n_slots)  # one sequential pass in slot order
 
     def scan(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The keys live at the first batch, in file order, each read at the slot it has when its batch is
@@ -321,7 +322,7 @@ class SlabEngine(Engine):
             kept = _kept(manifest)
             older = _last(kept[: len(kept) - 1], keep - 1)
             manifest = {**manifest, "next_id": next_id, "keep": keep, "history": older}
-            write_manifest(path, manifest)
+            write_manifest(path, manifest, after_rename=lambda: crash_point("manifest:after_rename"))
             self._remove_orphans(manifest)
         self.keep_checkpoints = manifest.get("keep", 1)
         self._tables: dict[str, _SlabTable] = {}
@@ -406,7 +407,7 @@ class SlabEngine(Engine):
                 "tables": target["tables"],
                 "history": entries[:i],
             }
-            write_manifest(self.path, body)
+            write_manifest(self.path, body, after_rename=lambda: crash_point("manifest:after_rename"))
             self._remove_orphans(body)
         return [e["meta"] for e in dropped]
 
@@ -463,6 +464,7 @@ class SlabEngine(Engine):
             f = self._failed
             what = f"{self.path}: cannot checkpoint after an earlier failure ({f}); reopen the store"
             raise type(f)(f.filename, what) if isinstance(f, StorageError) else MlkvError(what) from f
+        meta = json.loads(json.dumps(meta))  # kept with the history: the caller's dict may change later
         ckpt = int(meta.get("checkpoint_id", 0))
         try:
             with storage_errors(self.path, "checkpointing"):

@@ -386,7 +386,9 @@ class _Run:
                 if cfg.checkpoint_every and st.global_step % cfg.checkpoint_every == 0:
                     self._checkpoint()
         except BaseException as e:
-            if not boundary.inside:  # between steps: keep everything done so far for --resume
+            # between steps: keep everything done so far for --resume (not after a failed collective: the
+            # checkpoint is one too, and would only replace the error that names the failure)
+            if not boundary.inside and not isinstance(e, mlkv.distributed.DistributedError):
                 self._checkpoint()
                 if self.store is not None and self.cfg.path is not None:
                     why = (

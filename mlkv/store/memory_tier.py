@@ -11,6 +11,11 @@ more sweep, so a Zipf head stays resident.
 The tier never touches the engine: `evict` hands the dirty victims back to its table, which writes them.
 Capacity is granted by the store's TierBudget, so the tiers of all tables share one byte budget.
 Memory per slot: row bytes + 8 (key) + 8 (pins, announced) + 3 flags + 32 (index at load <= 1/2).
+
+A float16/bfloat16 table (`codec.half`) keeps `emb` as uint16 bit patterns (2 bytes per weight): the
+kernels decode them with `codec.lut` (`lut is None` for float32: numba prunes that branch, so the float32
+kernels are the same code as before), and rows are encoded with `codec.encode` before a kernel stores them.
+The rows handed in are already rounded by the table, so that encoding is exact.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import numpy as np
 
 from ..engine.key_index import KeyIndex, as_u64, home, insert_one, probe, remove_one
 from ..engine.prefetch import prefetch_at, prefetch_row
+from .row_codec import RowCodec
 
 SLOT_OVERHEAD_BYTES = 8 + 8 + 3 + 32
 _kernel = numba.njit(nogil=True, cache=True)
@@ -27,7 +33,7 @@ _AHEAD = 8  # keys between prefetching a key's index entry and its row, and betw
 
 
 @_kernel
-def _read_embeddings(tkeys, tvals, shift, keys, emb, ref, out, slots):
+def _read_embeddings(tkeys, tvals, shift, keys, emb, lut, ref, out, slots):
     """For each key: slots[i] = its slot (-1: not resident); a resident row's embedding is copied to out[i]
     and its CLOCK bit set. A three-stage pipeline over the keys: prefetch the index entry of key i + 2A,
     probe key i + A (its entry now cached) and prefetch its row, copy row i (cached): the two random
@@ -52,28 +58,30 @@ def _read_embeddings(tkeys, tvals, shift, keys, emb, ref, out, slots):
         if s >= 0:
             ref[s] = True
             for j in range(d):
-                out[i, j] = emb[s, j]
+                out[i, j] = emb[s, j] if lut is None else lut[np.int64(emb[s, j])]
 
 
 @_kernel
-def _gather_rows(emb, state, slots, out):
+def _gather_rows(emb, lut, state, slots, out):
     """out[i] = [emb | state] of slots[i] (explicit loops: one pass, no temporaries)."""
     d, w = emb.shape[1], state.shape[1]
     for i in range(slots.shape[0]):
         s = slots[i]
         for j in range(d):
-            out[i, j] = emb[s, j]
+            out[i, j] = emb[s, j] if lut is None else lut[np.int64(emb[s, j])]
         for j in range(w):
             out[i, d + j] = state[s, j]
 
 
 @_kernel
-def _scatter_rows(emb, state, slots, rows):
+def _scatter_rows(emb, state, slots, src, rows):
+    """emb[slots[i]] = src[i, :dim] (`rows` itself, or its embeddings encoded to 16 bits), state = the rest
+    of rows[i]."""
     d, w = emb.shape[1], state.shape[1]
     for i in range(slots.shape[0]):
         s = slots[i]
         for j in range(d):
-            emb[s, j] = rows[i, j]
+            emb[s, j] = src[i, j]
         for j in range(w):
             state[s, j] = rows[i, d + j]
 
@@ -100,7 +108,7 @@ def _adagrad_in_place(emb, state, slots, grads, neg_lr, eps, dirty, ref):
 
 @_kernel
 def _drop_slots(
-    slots, keys, used, dirty, pins, announced, emb, state, index, free, n_free, out_keys, out_rows
+    slots, keys, used, dirty, pins, announced, emb, lut, state, index, free, n_free, out_keys, out_rows
 ):
     """Free resident slots: their keys leave the index (`index` = KeyIndex.kernel_args()), dirty rows are
     copied to out_keys/out_rows for write-back, the slots go onto the free stack.
@@ -117,7 +125,7 @@ def _drop_slots(
         if dirty[s]:
             out_keys[n_dirty] = keys[s]
             for j in range(d):
-                out_rows[n_dirty, j] = emb[s, j]
+                out_rows[n_dirty, j] = emb[s, j] if lut is None else lut[np.int64(emb[s, j])]
             for j in range(w):
                 out_rows[n_dirty, d + j] = state[s, j]
             n_dirty += 1
@@ -132,8 +140,9 @@ def _drop_slots(
 
 
 @_kernel
-def _admit(new_keys, rows, new_dirty, keys, used, dirty, ref, emb, state, index, free, n_free, slots):
-    """Pop a free slot for each new key, store its row and flags, index it. Returns the new n_free."""
+def _admit(new_keys, src, rows, new_dirty, keys, used, dirty, ref, emb, state, index, free, n_free, slots):
+    """Pop a free slot for each new key, store its row (embedding from `src`, as in _scatter_rows) and
+    flags, index it. Returns the new n_free."""
     tkeys, tvals, shift = index
     d, w = emb.shape[1], state.shape[1]
     n = slots.shape[0]
@@ -149,7 +158,7 @@ def _admit(new_keys, rows, new_dirty, keys, used, dirty, ref, emb, state, index,
         s = free[n_free]
         keys[s] = new_keys[i]
         for j in range(d):
-            emb[s, j] = rows[i, j]
+            emb[s, j] = src[i, j]
         for j in range(w):
             state[s, j] = rows[i, d + j]
         used[s] = True
@@ -182,10 +191,12 @@ def _clock(used, pins, announced, ref, hand, n, announced_too, out):
 
 
 class MemoryTier:
-    def __init__(self, dim: int, state_width: int = 0):
+    def __init__(self, dim: int, state_width: int = 0, codec: RowCodec | None = None):
         self.dim = dim
         self.width = dim + state_width
-        self.row_bytes = 4 * self.width
+        self.codec = codec if codec is not None else RowCodec("float32", dim, self.width)
+        self.lut = self.codec.lut
+        self.row_bytes = self.codec.row_bytes
         self.capacity = 0
         self._alloc(0)
         self.index = KeyIndex()
@@ -193,7 +204,7 @@ class MemoryTier:
         self.moves = 0  # counts resizes and removals: the events that can move or free a pinned row
 
     def _alloc(self, cap: int) -> None:
-        self.emb = np.zeros((cap, self.dim), dtype=np.float32)
+        self.emb = np.zeros((cap, self.dim), dtype=np.uint16 if self.codec.half else np.float32)
         self.state = np.zeros((cap, self.width - self.dim), dtype=np.float32)
         self.keys = np.zeros(cap, dtype=np.uint64)
         self.used = np.zeros(cap, dtype=bool)
@@ -208,8 +219,17 @@ class MemoryTier:
     def rows(self, slots: np.ndarray) -> np.ndarray:
         """Whole rows [embedding | state] of `slots`, a new (n, width) array."""
         out = np.empty((len(slots), self.width), dtype=np.float32)
-        _gather_rows(self.emb, self.state, np.ascontiguousarray(slots, dtype=np.int64), out)
+        _gather_rows(self.emb, self.lut, self.state, np.ascontiguousarray(slots, dtype=np.int64), out)
         return out
+
+    def embeddings(self, slots: np.ndarray) -> np.ndarray:
+        """Float32 embeddings of `slots`, a new (n, dim) array (`take` is ~2x faster than fancy indexing)."""
+        emb = self.emb.take(slots, axis=0)
+        return emb if self.lut is None else self.lut[emb]
+
+    def _src(self, rows: np.ndarray) -> np.ndarray:
+        """What the kernels copy embeddings from: `rows` itself, or its embeddings encoded to 16 bits."""
+        return rows if self.lut is None else self.codec.encode(rows[:, : self.dim])
 
     def adagrad(self, slots: np.ndarray, grads: np.ndarray, lr: float, eps: float) -> None:
         """Apply Adagrad (one accumulator per weight: state columns = dim) to resident `slots` in place with
@@ -220,7 +240,9 @@ class MemoryTier:
         )
 
     def set_rows(self, slots: np.ndarray, rows: np.ndarray) -> None:
-        _scatter_rows(self.emb, self.state, np.ascontiguousarray(slots, dtype=np.int64), rows)
+        _scatter_rows(
+            self.emb, self.state, np.ascontiguousarray(slots, dtype=np.int64), self._src(rows), rows
+        )
 
     @property
     def nbytes(self) -> int:
@@ -237,7 +259,7 @@ class MemoryTier:
         """Copy the embeddings of resident keys (duplicates allowed) into rows of out (len(keys), dim), mark
         them used for CLOCK; return their slots, -1 for keys not resident (their rows of out untouched)."""
         slots = np.empty(len(keys), dtype=np.int64)
-        _read_embeddings(*self.index.kernel_args(), as_u64(keys), self.emb, self.ref, out, slots)
+        _read_embeddings(*self.index.kernel_args(), as_u64(keys), self.emb, self.lut, self.ref, out, slots)
         return slots
 
     def resize(self, cap: int) -> tuple[np.ndarray, np.ndarray]:
@@ -287,7 +309,7 @@ class MemoryTier:
         keys = np.empty(len(slots), dtype=np.uint64)
         rows = np.empty((len(slots), self.width), dtype=np.float32)
         flags = (self.used, self.dirty, self.pins, self.announced)
-        args = (self.emb, self.state, self.index.kernel_args(), self.free, self.n_free, keys, rows)
+        args = (self.emb, self.lut, self.state, self.index.kernel_args(), self.free, self.n_free, keys, rows)
         n_dirty, self.n_free = _drop_slots(slots, self.keys, *flags, *args)
         self.index.live -= len(slots)
         return keys[:n_dirty], rows[:n_dirty]
@@ -308,7 +330,7 @@ class MemoryTier:
             return slots
         self.index.reserve(k)
         flags = (self.keys, self.used, self.dirty, self.ref, self.emb, self.state)
-        new = (as_u64(keys[:k]), rows[:k], np.ascontiguousarray(dirty[:k]))
+        new = (as_u64(keys[:k]), self._src(rows[:k]), rows[:k], np.ascontiguousarray(dirty[:k]))
         self.n_free = _admit(*new, *flags, self.index.kernel_args(), self.free, self.n_free, slots[:k])
         self.index.live += k
         return slots

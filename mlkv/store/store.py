@@ -33,6 +33,7 @@ from ..init import init_from_config, resolve_init
 from ..optim import Optimizer, optimizer_from_config
 from .applier import Applier, ApplierError
 from .lock import StoreLock
+from .row_codec import DTYPES, RowCodec
 from .rwlock import RWLock
 from .sizes import parse_bytes
 from .staleness import LAG_BINS
@@ -289,7 +290,7 @@ class Store:
         name: str,
         *,
         dim: int | None = None,
-        dtype: str = "float32",
+        dtype: str | None = None,
         init=None,
         optimizer: Optimizer | None = None,
         staleness_bound: int | None = None,
@@ -297,6 +298,7 @@ class Store:
         ttl_steps: int | None = None,
         max_rows: int | None = None,
         expire_on_checkpoint: bool | None = None,
+        stochastic_rounding: bool | None = None,
     ) -> Table:
         r"""Open table `name`, creating it when it does not exist (then `dim` is required).
 
@@ -307,7 +309,13 @@ class Store:
             name (str): the table's name, unique in the store.
             dim (int, optional): embedding width. Required to create the table; if given for an existing
                 table it must match. Default: ``None``.
-            dtype (str): row dtype; ``"float32"``, the only one stored so far. Default: ``"float32"``.
+            dtype (str): how embeddings are stored: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+                A 16-bit table stores each embedding weight in 2 bytes, on disk and in the memory tier
+                (optimizer state and the age column stay float32), so the same ``cache_bytes`` holds
+                up to twice the rows; reads still return float32 (the stored values exactly), and
+                :meth:`Table.update` computes in float32 and rounds once when it stores (likewise
+                :meth:`Table.put` and new rows from `init`). Fixed at creation; ``None`` (the
+                default): ``"float32"`` at creation, the stored dtype when reopening.
             init (optional): how a key never seen gets its first row: ``mlkv.init.Normal(mean, std)``
                 (the default, ``Normal(0.0, 0.01)``), ``mlkv.init.Uniform(low, high)``,
                 ``mlkv.init.Zeros()``, or a callable ``(keys, dim) -> (len(keys), dim)`` array that is
@@ -324,6 +332,11 @@ class Store:
             max_rows (int, optional): :meth:`Table.expire` deletes the least recently written rows beyond
                 `max_rows`.
             expire_on_checkpoint (bool, optional): run :meth:`Table.expire` inside every checkpoint.
+            stochastic_rounding (bool, optional): a 16-bit table rounds stored embeddings up or down at
+                random, in proportion to the distance (unbiased), instead of to nearest even; the random
+                bits are a hash of (table name, key, table step, column), so runs are reproducible.
+                Fixed at creation (``None``: the stored setting; ``False`` at creation). Only for
+                ``float16``/``bfloat16`` tables.
 
         Returns:
             Table: the open table.
@@ -342,8 +355,10 @@ class Store:
             raise InvalidArgumentError(f"table name must be a non-empty str, got {name!r}")
         if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0):
             raise InvalidArgumentError(f"dim must be a positive int, got {dim!r}")
-        if not isinstance(dtype, str):
-            raise InvalidTypeError(f"dtype must be a str such as 'float32', got {dtype!r}")
+        if dtype is not None and not isinstance(dtype, str):
+            raise InvalidTypeError(f"dtype must be a str such as 'float32' or None, got {dtype!r}")
+        if stochastic_rounding is not None and not isinstance(stochastic_rounding, bool):
+            raise InvalidTypeError(f"stochastic_rounding must be a bool or None, got {stochastic_rounding!r}")
         if optimizer is not None and not isinstance(optimizer, Optimizer):
             raise InvalidTypeError(
                 f"optimizer must be an mlkv.optim optimizer or None, got {type(optimizer).__name__}"
@@ -365,9 +380,12 @@ class Store:
                     raise UnknownTableError(
                         f"no table {name!r} in {self.path}; tables: {sorted(self._schemas)} ({how})"
                     )
-                if dtype != "float32":  # checked here: an existing table's dtype mismatch is a SchemaError
+                dtype = "float32" if dtype is None else dtype
+                if dtype not in DTYPES:  # checked here: an existing table's dtype mismatch is a SchemaError
+                    raise InvalidArgumentError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+                if stochastic_rounding and dtype == "float32":
                     raise InvalidArgumentError(
-                        f"dtype must be 'float32' (the only row dtype stored so far), got {dtype!r}"
+                        "stochastic_rounding=True needs dtype='float16' or 'bfloat16', got dtype='float32'"
                     )
                 if self.readonly:
                     raise ReadOnlyError(f"cannot create table {name!r}: store {self.path} is open readonly")
@@ -382,13 +400,21 @@ class Store:
                     # expiry needs each row's last-write step: one more column, fixed at creation
                     "age_column": any(lifetime.get(k) is not None for k in ("ttl_steps", "max_rows")),
                 }
+                if dtype != "float32":
+                    schema["stochastic_rounding"] = bool(stochastic_rounding)
                 width = dim + (optimizer.state_width(dim) if optimizer else 0) + schema["age_column"]
                 with self._engine_lock.write():
-                    self._engine.create_table(name, 4 * width)
+                    self._engine.create_table(name, RowCodec(dtype, dim, width).row_bytes)
                 self._schemas[name] = schema
                 self._changed = True
             else:
                 optimizer = self._check_schema(name, schema, dim, dtype, optimizer)
+                stored = schema.get("stochastic_rounding", False)
+                if stochastic_rounding is not None and stochastic_rounding != stored:
+                    raise SchemaError(
+                        f"table {name!r} has stochastic_rounding={stored}, opened with "
+                        f"stochastic_rounding={stochastic_rounding}"
+                    )
                 if init is None and schema["init"].get("kind") != "callable":
                     init_fn = init_from_config(schema["init"])
                 ages = ("ttl_steps", "max_rows")
@@ -416,7 +442,7 @@ class Store:
     def _check_schema(self, name: str, schema: dict, dim, dtype, optimizer):
         if dim is not None and dim != schema["dim"]:
             raise SchemaError(f"table {name!r} has dim={schema['dim']}, opened with dim={dim}")
-        if dtype != schema["dtype"]:
+        if dtype is not None and dtype != schema["dtype"]:
             raise SchemaError(f"table {name!r} has dtype={schema['dtype']}, opened with dtype={dtype}")
         stored = schema["optimizer"]
         if optimizer is None:

@@ -28,6 +28,7 @@ from ..errors import InvalidArgumentError, InvalidTypeError, MlkvError
 from ..optim import Adagrad
 from .admission import DEFAULT_WIDTH, AdmissionSketch
 from .memory_tier import MemoryTier
+from .row_codec import RowCodec
 from .staleness import StalenessGate
 from .validate import as_keys, as_rows
 from .writeback import ROW
@@ -83,7 +84,9 @@ class Table:
     Attributes:
         name (str): the table's name.
         dim (int): embedding width.
-        dtype (str): row dtype (``"float32"``).
+        dtype (str): how embeddings are stored: ``"float32"``, ``"float16"`` or ``"bfloat16"`` (see
+            :meth:`Store.table`); rows are float32 in every method all the same.
+        stochastic_rounding (bool): 16-bit embeddings are rounded stochastically when stored.
         optimizer (mlkv.optim.Optimizer or None): the update rule of :meth:`update`.
         step (int): update steps applied so far (Adam's bias correction counts them); checkpointed.
         staleness_bound (int or None): this table's bound, ``None`` for the store's.
@@ -99,13 +102,16 @@ class Table:
         self.name = name
         self.dim: int = schema["dim"]
         self.dtype: str = schema["dtype"]
+        self.stochastic_rounding: bool = schema.get("stochastic_rounding", False)
         self.optimizer = optimizer
-        self._init = init_fn
         self._salt = zlib.crc32(name.encode())
         self._state_width = optimizer.state_width(self.dim) if optimizer else 0
         # the row's last column holds the table step of its last write (uint32 bits), when expiry is on
         self._age = 1 if schema.get("age_column") else 0
         self.width = self.dim + self._state_width + self._age
+        # 16-bit tables: embeddings stored rounded (engine and tier); rows here are float32 all the same
+        self._codec = RowCodec(self.dtype, self.dim, self.width, self.stochastic_rounding, self._salt)
+        self._init = init_fn if not self._codec.half else self._rounded_init(init_fn)
         self.step: int = schema.get("step", 0)
         self.staleness_bound: int | None = schema.get("staleness_bound")
         self.admit_after: int = schema.get("admit_after", 1)
@@ -114,13 +120,22 @@ class Table:
         self.expire_on_checkpoint: bool = schema.get("expire_on_checkpoint", False)
         width = schema.get("sketch_width", DEFAULT_WIDTH)
         self._sketch = AdmissionSketch(width) if self.admit_after > 1 else None
-        self.tier = MemoryTier(self.dim, self._state_width + self._age)
+        self.tier = MemoryTier(self.dim, self._state_width + self._age, self._codec)
         self._schema = schema
         self._gate = StalenessGate(name, store._cond)
         self._inflight = KeyIndex()
         self._announced = False  # set by the first lookahead; until then reads skip the announcement count
         with store._engine_lock.read():
             self._count = store._engine.count(name)
+
+    def _rounded_init(self, init_fn):
+        """`init_fn` with its rows rounded to the table's dtype (nearest even): a key's init row is what
+        storing it gives, whether it is stored yet or not (admit_after)."""
+
+        def init(keys: np.ndarray, dim: int, salt: int) -> np.ndarray:
+            return self._codec.round_nearest(np.asarray(init_fn(keys, dim, salt), dtype=np.float32))
+
+        return init
 
     # ---- schema -------------------------------------------------------------------------------------
     def schema(self) -> dict:
@@ -171,8 +186,7 @@ class Table:
         t0 = time.perf_counter()
         with st._engine_lock.read():
             raw, found = st._engine.read(self.name, keys)
-        rows = np.ascontiguousarray(raw).view(np.float32).reshape(len(keys), self.width)
-        return rows, found, time.perf_counter() - t0
+        return self._codec.from_bytes(raw), found, time.perf_counter() - t0
 
     def _assemble(self, keys, status, queued, disk_rows, found) -> tuple[np.ndarray, np.ndarray]:
         """Rows of distinct keys from their three sources: the write-back queue (status ROW), the engine
@@ -182,8 +196,10 @@ class Table:
             return disk_rows, np.zeros(len(keys), dtype=bool)
         rows = np.empty((len(keys), self.width), dtype=np.float32)
         from_queue = status == ROW
-        if from_queue.any():
-            rows[from_queue] = queued[from_queue]
+        if from_queue.any():  # a 16-bit table queues engine bytes (see _queue_write)
+            rows[from_queue] = (
+                self._codec.from_bytes(queued[from_queue]) if self._codec.half else queued[from_queue]
+            )
         created = status > ROW
         on_disk = status == 0
         if on_disk.any():
@@ -241,6 +257,8 @@ class Table:
             st = self._store
             st._stats["rows_written_back"] += len(keys)
             st._stats["bytes_written"] += len(keys) * self.tier.row_bytes
+            if self._codec.half:  # queued as engine bytes: half the embedding bytes, read back decoded
+                rows = self._codec.to_bytes(rows)
             st._writeback.submit(self.name, keys, rows, st._stats)
 
     def resize_tier(self, cap: int) -> None:
@@ -320,7 +338,9 @@ class Table:
         return slots, rows
 
     def _store_rows(self, keys: np.ndarray, slots: np.ndarray, rows: np.ndarray) -> None:
-        """Write changed rows back: into their tier slot (dirty) or, if they have none, to the queue."""
+        """Write changed rows back: into their tier slot (dirty) or, if they have none, to the queue. The
+        embeddings of a 16-bit table are rounded here, in `rows`: the one rounding of an update or put."""
+        self._codec.round_embeddings(rows, keys, self.step)
         tier = self.tier
         inside = slots >= 0
         s = slots[inside]
@@ -359,8 +379,8 @@ class Table:
         return out
 
     def _embeddings(self, slots: np.ndarray) -> np.ndarray:
-        """Embedding columns of resident rows (`take` is ~2x faster than fancy indexing here)."""
-        return self.tier.emb.take(slots, axis=0)
+        """Embedding columns of resident rows, float32."""
+        return self.tier.embeddings(slots)
 
     @property
     def store(self) -> Store:
@@ -516,7 +536,7 @@ class Table:
                 if not len(uk):
                     return
         opt = self.optimizer if optimizer is None else optimizer
-        if not outside_lock and not self._age and type(opt) is Adagrad:
+        if not outside_lock and not self._age and type(opt) is Adagrad and not self._codec.half:
             slots = self.tier.lookup(uk)
             if slots.min(initial=0) >= 0:  # all resident: the step in place, one kernel over the rows
                 self._store._stats["hits"] += len(uk)
@@ -885,7 +905,7 @@ class Table:
         parts_k, parts_a = [], []
         with st._engine_lock.read():
             for keys, raw in st._engine.scan(self.name, 1 << 16):
-                words = np.ascontiguousarray(raw).view(np.uint32).reshape(len(keys), self.width)
+                words = self._codec.words(raw)
                 parts_k.append(keys)
                 parts_a.append(words[:, -1].astype(np.int64))
         if not parts_k:
@@ -955,8 +975,7 @@ class Table:
             if batch is None:
                 return
             keys, raw = batch
-            rows = np.ascontiguousarray(raw).view(np.float32).reshape(len(keys), self.width)
-            yield keys, rows[:, : self.dim].copy()
+            yield keys, self._codec.from_bytes(raw)[:, : self.dim].copy()
 
     def optimizer_state(self, keys) -> dict[str, np.ndarray]:
         r"""The optimizer state of `keys`, by name (e.g. Adam's exp_avg and exp_avg_sq).

@@ -185,6 +185,12 @@ def _shared_flags(p: argparse.ArgumentParser, dataset: str, datasets: tuple, d: 
         "--dense-lr", type=float, default=1e-3, help="Adam learning rate of the dense layers (default 1e-3)"
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; fixed for determinism)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="how the store keeps embeddings (16 bits: half the bytes per weight; default float32)",
+    )
     p.add_argument("--max-steps", type=int, help="stop each epoch after this many steps (smoke tests)")
     p.add_argument(
         "--json", action="store_true", help="print the result as one JSON object (last line of stdout)"
@@ -300,7 +306,7 @@ def config_from_args(args: argparse.Namespace, log=None):
         staleness_bound=args.staleness_bound, lookahead=args.lookahead, engine=args.engine,
         resume=args.resume, overwrite=args.overwrite, dense_lr=args.dense_lr,
         checkpoint_every=args.checkpoint_every, distributed=args.distributed, dist_timeout=args.dist_timeout,
-        threads=args.threads, max_steps=args.max_steps, progress=args.progress, log=log,
+        threads=args.threads, dtype=args.dtype, max_steps=args.max_steps, progress=args.progress, log=log,
     )  # fmt: skip
 
 

@@ -54,6 +54,7 @@ class TrainConfig:
     dense_lr: float = 1e-3
     checkpoint_every: int = 0  # steps; 0: only at the end of each epoch
     threads: int = 1
+    dtype: str = "float32"  # embedding storage of the store's tables: float32, float16 or bfloat16
     max_steps: int | None = None  # per epoch, for smoke tests
     progress: bool = True
     log: Any = None  # a file for the per-epoch lines; None: stdout
@@ -258,7 +259,7 @@ def train(workload: Workload, cfg: TrainConfig, backend: str = "mlkv") -> dict[s
             mlkv.distributed.shutdown()
         raise
     try:
-        tables = MlkvTables(store, specs, cfg.seed) if store else TorchTables(specs, cfg.seed)
+        tables = MlkvTables(store, specs, cfg.seed, cfg.dtype) if store else TorchTables(specs, cfg.seed)
         torch.manual_seed(cfg.seed)  # the dense layers start alike in both backends
         model = workload.build_model(tables)
         model.train()

@@ -42,20 +42,23 @@ class TableSpec:
 
 
 class MlkvTables:
-    """Embedding modules over tables of an mlkv Store (mlkv.torch), trained by one SparseOptimizer."""
+    """Embedding modules over tables of an mlkv Store (mlkv.torch), trained by one SparseOptimizer.
+    `dtype`: how the tables store embeddings (``float32``, ``float16``, ``bfloat16``; see Store.table)."""
 
     backend = "mlkv"
 
-    def __init__(self, store: mlkv.Store, specs: dict[str, TableSpec], seed: int):
+    def __init__(self, store: mlkv.Store, specs: dict[str, TableSpec], seed: int, dtype: str = "float32"):
         self.store = store
         self.specs = specs
         self.seed = seed
+        self.dtype = dtype
 
     def table(self, name: str) -> mlkv.Table:
         spec = self.specs[name]
         return self.store.table(
             name,
             dim=spec.dim,
+            dtype=self.dtype,
             optimizer=mlkv.optim.Adagrad(lr=spec.lr),
             init=mlkv.init.Normal(0.0, spec.init_std, seed=self.seed),
         )

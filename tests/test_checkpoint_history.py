@@ -229,6 +229,19 @@ def test_pruning_frees_slots_so_disk_follows_what_changed(tmp_path):
     assert sizes[4] - sizes[1] <= 0.5 * rows_bytes + (2 << 20), sizes
 
 
+def test_a_reopened_writer_never_reuses_slots_of_older_kept_checkpoints(tmp_path):
+    """The free slots at open are those no kept checkpoint names, not only the last one."""
+    path = tmp_path / "s"
+    models: dict = {}
+    with mlkv.open(path, keep_checkpoints=3, cache_bytes=CACHE) as store:
+        run_steps(store, models, 1, 4)
+    with mlkv.open(path, cache_bytes=CACHE) as store:
+        # every key of "a" rewritten: takes every free slot, then grows the file
+        store.table("a").put(np.arange(KEYS, dtype=np.uint64), np.full((KEYS, 4), 5, np.float32))
+        store.flush()
+        assert check_kept(path, models) == [2, 3, 4]
+
+
 def test_lowering_keep_prunes_at_open_and_persists(tmp_path, monkeypatch):
     monkeypatch.setattr(slab, "_MIN_LOG_BYTES", 0)
     path = tmp_path / "s"

@@ -65,13 +65,17 @@ def _lock_holder(path: str) -> int | None:
         return None
 
 
-def _tree_bytes(path: str) -> int:
-    total = 0
+def _tree_bytes(path: str) -> tuple[int, int]:
+    """(apparent size, bytes allocated on the device: st_blocks * 512) of every file under `path`. They
+    differ: a slab file grows sparse, and the slots it reserves ahead are allocated but not yet written."""
+    apparent = allocated = 0
     for root, _, names in os.walk(path):
         for name in names:
             with contextlib.suppress(OSError):  # removed meanwhile (a writer's compaction or checkpoint)
-                total += os.path.getsize(os.path.join(root, name))
-    return total
+                st = os.stat(os.path.join(root, name))
+                apparent += st.st_size
+                allocated += st.st_blocks * 512
+    return apparent, allocated
 
 
 def _checkpoint_of(meta: dict | None) -> dict | None:
@@ -89,38 +93,21 @@ def _info_open(path: str, store: mlkv.Store) -> dict:
         tables.append(
             {"name": name, "dim": t.dim, "dtype": t.dtype, "optimizer": kind, "rows": len(t), "step": t.step}
         )
+    apparent, allocated = _tree_bytes(path)
     return {
         "path": path,
         "engine": store.engine_name,
         "in_use_by_pid": None,
-        "disk_bytes": store.disk_bytes(),
+        "disk_bytes": apparent,
+        "disk_allocated_bytes": allocated,
         "recovery_seconds": store.stats()["recovery_seconds"],
         "checkpoint": _checkpoint_of(store._engine.committed_meta()),
         "tables": tables,
     }
 
 
-def _info_locked(path: str, engine: str) -> dict:
-    """What the last committed checkpoint says, read without the lock a writer holds."""
-    meta, counts, source = None, {}, None
-    if engine == "slab":
-        from .engine.manifest import read_manifest
-
-        manifest = read_manifest(path)
-        meta, source = (manifest or {}).get("meta"), "MANIFEST"
-    elif engine == "rocksdb":  # RocksDB's read-only open takes no lock and sees the committed state
-        from .engine import open_engine
-
-        try:
-            eng = open_engine("rocksdb", path, readonly=True)
-        except (MlkvError, OSError, Exception) as e:  # rocksdict raises plain Exception
-            source = f"unavailable: {e}"
-        else:
-            try:
-                meta, source = eng.committed_meta(), "RocksDB read-only open"
-                counts = {name: eng.count(name) for name in eng.tables()}
-            finally:
-                eng.close()
+def _schema_rows(meta: dict | None, counts: dict) -> list[dict]:
+    """The info table entries of a committed checkpoint's schemas, with `counts` of rows (None: unknown)."""
     tables = []
     for name, schema in sorted(((meta or {}).get("tables") or {}).items()):
         opt = schema.get("optimizer")
@@ -134,15 +121,86 @@ def _info_locked(path: str, engine: str) -> dict:
                 "step": schema.get("step"),
             }
         )
+    return tables
+
+
+def _writer_pid(path: str) -> int | str | None:
+    """The pid of the process holding PATH's writer lock ("unknown" if it wrote none), None if no writer:
+    a shared lock taken and released at once."""
+    from .store.lock import StoreLock
+
+    try:
+        StoreLock(path, readonly=True, on_disk=True).release()
+    except StoreLockedError:
+        return _lock_holder(path) or "unknown"
+    return None
+
+
+def _slab_rows(path: str, state: dict) -> int:
+    """Live keys of a table state: the manifest's count, or (a manifest written before mlkv kept one)
+    the length of its index, loaded from snapshot and log."""
+    if "rows" in state:
+        return state["rows"]
+    from .engine import index_log
+
+    base = os.path.join(path, f"t{state['id']}.{state['gen']}")
+    snap = base + ".snap" if state["has_snapshot"] else None
+    return len(index_log.load(snap, base + ".log", state["log_len"])[0])
+
+
+def _info_slab(path: str) -> dict:
+    """A slab store's info from its MANIFEST alone (no index load, no lock): the last committed checkpoint,
+    whether or not a writer holds the store."""
+    from .engine import open_engine
+    from .engine.manifest import read_manifest
+
+    manifest = read_manifest(path)
+    if manifest is None:  # a new store, or one whose manifest is lost: the engine's open tells them apart
+        open_engine("slab", path, readonly=True).close()
+        manifest = {"meta": None, "tables": {}}
+    pid = _writer_pid(path)
+    counts = {name: _slab_rows(path, st) for name, st in manifest["tables"].items()}
+    apparent, allocated = _tree_bytes(path)
+    return {
+        "path": path,
+        "engine": "slab",
+        "in_use_by_pid": pid,
+        "committed_state_from": "MANIFEST",
+        "disk_bytes": apparent,
+        "disk_allocated_bytes": allocated,
+        "recovery_seconds": None,
+        "checkpoint": _checkpoint_of(manifest["meta"]),
+        "tables": _schema_rows(manifest["meta"], counts),
+    }
+
+
+def _info_locked(path: str, engine: str) -> dict:
+    """What the last committed checkpoint of a RocksDB store says, read without the lock a writer holds
+    (RocksDB's read-only open takes no lock and sees the committed state)."""
+    from .engine import open_engine
+
+    meta, counts = None, {}
+    try:
+        eng = open_engine(engine, path, readonly=True)
+    except (MlkvError, OSError, Exception) as e:  # rocksdict raises plain Exception
+        source = f"unavailable: {e}"
+    else:
+        try:
+            meta, source = eng.committed_meta(), "RocksDB read-only open"
+            counts = {name: eng.count(name) for name in eng.tables()}
+        finally:
+            eng.close()
+    apparent, allocated = _tree_bytes(path)
     return {
         "path": path,
         "engine": engine,
         "in_use_by_pid": _lock_holder(path) or "unknown",
         "committed_state_from": source,
-        "disk_bytes": _tree_bytes(path),
+        "disk_bytes": apparent,
+        "disk_allocated_bytes": allocated,
         "recovery_seconds": None,
         "checkpoint": _checkpoint_of(meta),
-        "tables": tables,
+        "tables": _schema_rows(meta, counts),
     }
 
 
@@ -181,7 +239,8 @@ def format_info(info: dict) -> str:
             f"in use      by a writer (pid {info['in_use_by_pid']}); showing the last committed checkpoint"
             f" ({info['committed_state_from']})"
         )
-    lines.append(f"on disk     {_size(info['disk_bytes'])}")
+    allocated, apparent = _size(info["disk_allocated_bytes"]), _size(info["disk_bytes"])
+    lines.append(f"on disk     {allocated} allocated (apparent size {apparent})")
     if info["recovery_seconds"] is not None:
         lines.append(f"recovery    {info['recovery_seconds']:.3f} s (spent by this open loading the index)")
     ck = info["checkpoint"]
@@ -206,6 +265,10 @@ def format_info(info: dict) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     engine = store_engine(args.path)
+    if engine == "slab":
+        info = _info_slab(args.path)
+        print(json.dumps(info, indent=2) if args.json else format_info(info))
+        return 0
     try:
         store = mlkv.open(args.path, readonly=True, create=False, engine=engine)
     except StoreLockedError:

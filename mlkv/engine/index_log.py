@@ -23,7 +23,7 @@ import numpy as np
 
 from ..durable_files import pwrite_all, storage_errors
 from ..errors import CorruptionError
-from .key_index import unique_inverse
+from .key_index import KeyIndex, unique_inverse
 
 SNAP_MAGIC = b"MLKVSNAP"
 LOG_MAGIC = b"MLKVILOG"
@@ -122,7 +122,9 @@ def load(snapshot: str | None, log: str | None, log_len: int) -> tuple[np.ndarra
     if snapshot:
         try:
             with open(snapshot, "rb") as f:
-                buf = memoryview(f.read())
+                # into a writable buffer: the arrays made over it go on into the index
+                buf = memoryview(bytearray(os.fstat(f.fileno()).st_size))
+                f.readinto(buf)
         except FileNotFoundError:
             raise CorruptionError(snapshot, 0, "index snapshot named by the manifest is missing") from None
         _, k, s, end = _unpack(snapshot, buf, 0, SNAP_MAGIC)
@@ -147,11 +149,19 @@ def load(snapshot: str | None, log: str | None, log_len: int) -> tuple[np.ndarra
             parts_s.append(s)
     if not parts_k:
         return np.empty(0, np.uint64), np.empty(0, np.int64)
-    keys = np.concatenate(parts_k)
-    slots = np.concatenate(parts_s)
-    # the last record of a key wins: unique over the reversed sequence keeps each key's last occurrence
-    rk = keys[::-1]
-    uk, _, first = unique_inverse(rk)
-    us = slots[::-1][first]
+    if snapshot and len(parts_k) == 1:  # a snapshot alone: distinct keys, every slot live
+        return parts_k[0], parts_s[0]
+    # the log's records: the last record of a key wins (unique over the reversed sequence keeps each key's
+    # last occurrence); a snapshot's keys that the log names are replaced, found with a hash lookup of
+    # the (usually far fewer) logged keys instead of a dedup of everything
+    first = 1 if snapshot else 0
+    lk, ls = np.concatenate(parts_k[first:]), np.concatenate(parts_s[first:])
+    uk, _, at = unique_inverse(lk[::-1])
+    us = ls[::-1][at]
     live = us >= 0
-    return uk[live], us[live]
+    if not snapshot:
+        return uk[live], us[live]
+    logged = KeyIndex(len(uk))
+    logged.insert_new(uk, np.zeros(len(uk), dtype=np.int64))
+    kept = logged.lookup(parts_k[0]) < 0
+    return np.concatenate([parts_k[0][kept], uk[live]]), np.concatenate([parts_s[0][kept], us[live]])

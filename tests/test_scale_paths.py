@@ -1,0 +1,165 @@
+"""Paths that must stay fast on big stores, checked on small ones: `mlkv info` from the MANIFEST alone (no
+index load) gives what a full open gives; `mlkv check`'s sequential verify finds every damaged live slot
+and passes a sound file."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import mlkv
+from mlkv.cli import main
+from mlkv.engine import index_log, slot_file
+from mlkv.engine.key_index import KeyIndex
+from mlkv.engine.manifest import read_manifest, write_manifest
+from mlkv.engine.slot_file import HEADER_BYTES, slot_bytes_for
+
+DIM = 4
+ROW_BYTES = 4 * 2 * DIM  # dim 4 + Adagrad accumulator
+
+
+def _make(path: str) -> dict[str, int]:
+    """A store with a snapshot and a log behind it, deletions, and a table created later. Returns the
+    rows per table a full open counts."""
+    rng = np.random.default_rng(0)
+    with mlkv.open(path) as store:
+        a = store.table("a", dim=DIM, optimizer=mlkv.optim.Adagrad(lr=0.1))
+        b = store.table("b", dim=2)
+        for step in range(4):
+            keys = rng.integers(-(2**62), 2**62, 3000)
+            a.update(keys, np.ones((len(keys), DIM), dtype=np.float32))
+            a.delete(keys[:100])
+            b.put(np.arange(step * 10, step * 10 + 25), np.zeros((25, 2), dtype=np.float32))
+            store.checkpoint({"step": step})
+        store.table("c", dim=3).put([7], np.zeros((1, 3), dtype=np.float32))
+        store.checkpoint({"step": 4})
+    with mlkv.open(path, readonly=True) as store:
+        return {name: len(store.table(name)) for name in store.tables()}
+
+
+def _info(capsys, path: str) -> dict:
+    assert main(["info", path, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_info_reads_rows_from_the_manifest_without_loading_the_index(tmp_path, capsys, monkeypatch):
+    path = str(tmp_path / "s")
+    expected = _make(path)
+    assert expected["a"] == 4 * 2900 and expected["c"] == 1
+    with monkeypatch.context() as m:
+        for target in (index_log, KeyIndex):
+            name = "load" if target is index_log else "insert_new"
+            m.setattr(target, name, lambda *a, **k: pytest.fail("the index was loaded"))
+        info = _info(capsys, path)
+    assert {t["name"]: t["rows"] for t in info["tables"]} == expected
+    assert info["checkpoint"]["metadata"] == {"step": 4} and info["recovery_seconds"] is None
+    allocated = sum(os.stat(os.path.join(path, f)).st_blocks * 512 for f in os.listdir(path))
+    assert info["disk_allocated_bytes"] == allocated > 0
+
+
+def test_info_of_a_manifest_without_row_counts_counts_them(tmp_path, capsys):
+    """A store written before the manifest kept row counts: info loads the index files to count."""
+    path = str(tmp_path / "s")
+    expected = _make(path)
+    manifest = read_manifest(path)
+    for state in manifest["tables"].values():
+        del state["rows"]
+    write_manifest(path, manifest)
+    assert {t["name"]: t["rows"] for t in _info(capsys, path)["tables"]} == expected
+
+
+def test_info_names_the_writer_and_still_reads_rows(tmp_path, capsys):
+    path = str(tmp_path / "s")
+    expected = _make(path)
+    with mlkv.open(path) as writer:
+        writer.table("a").put([1], np.zeros((1, DIM), dtype=np.float32))  # not checkpointed: not shown
+        info = _info(capsys, path)
+    assert info["in_use_by_pid"] == os.getpid()
+    assert {t["name"]: t["rows"] for t in info["tables"]} == expected
+    assert _info(capsys, path)["in_use_by_pid"] is None  # the probe left no lock behind
+
+
+def _flip(path: str, slot: int, at: int, row_bytes: int = ROW_BYTES) -> None:
+    with open(path, "r+b") as f:
+        f.seek(HEADER_BYTES + slot * slot_bytes_for(row_bytes) + at)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+@pytest.mark.parametrize("chunk_slots", [1, 7, 4096])
+def test_check_finds_each_damaged_live_slot_in_one_sequential_pass(
+    tmp_path, capsys, monkeypatch, chunk_slots
+):
+    path = str(tmp_path / "s")
+    _make(path)
+    monkeypatch.setattr(slot_file, "VERIFY_CHUNK_BYTES", chunk_slots * slot_bytes_for(ROW_BYTES))
+    assert main(["check", path]) == 0 and capsys.readouterr().out.startswith("OK")
+
+    eng = mlkv.engine.open_engine("slab", path, readonly=True)
+    try:
+        keys, slots = eng._tables["a"].index.items()
+        order = np.argsort(slots)
+        keys, slots = keys[order], slots[order]
+        b = eng._tables["b"]  # its rows were overwritten after checkpoints: it has superseded slots
+        dead = np.setdiff1d(np.arange(b.n_slots), b.index.items()[1])
+    finally:
+        eng.close()
+    assert len(dead)  # damage in a slot no key uses is not damage to the store
+    _flip(os.path.join(path, "t1.slab"), int(dead[0]), 20, row_bytes=8)
+    assert main(["check", path]) == 0
+    capsys.readouterr()
+
+    _flip(os.path.join(path, "t0.slab"), int(slots[5]), 16 + ROW_BYTES - 1)  # last row byte
+    _flip(os.path.join(path, "t0.slab"), int(slots[-1]), 3)  # the stored key
+    assert main(["check", path, "--json"]) == 1
+    problems = json.loads(capsys.readouterr().out)["problems"]
+    assert len(problems) == 2
+    assert "row checksum mismatch" in problems[0] and f"key {int(keys[5])} " in problems[0]
+    assert "key mismatch" in problems[1] and f"key {int(keys[-1])} " in problems[1]
+    assert all("t0.slab" in p and "'a'" in p for p in problems)
+
+
+def test_check_counts_bad_slots_past_the_ones_it_describes(tmp_path, monkeypatch):
+    path = str(tmp_path / "s")
+    _make(path)
+    monkeypatch.setattr(slot_file, "MAX_REPORTED", 3)
+    eng = mlkv.engine.open_engine("slab", path, readonly=True)
+    try:
+        _, slots = eng._tables["a"].index.items()
+    finally:
+        eng.close()
+    for s in slots[:10]:
+        _flip(os.path.join(path, "t0.slab"), int(s), 40)
+    with mlkv.open(path, readonly=True) as store:
+        problems = store.verify()
+    assert len(problems) == 4 and "7 more bad slots (10 in all)" in problems[-1]
+
+
+def test_index_load_of_snapshot_and_log_matches_a_dict_model(tmp_path):
+    """The last record of a key wins over the snapshot and earlier records; slot -1 deletes."""
+    rng = np.random.default_rng(1)
+    keys = rng.integers(0, 2**64, 5000, dtype=np.uint64)
+    model = dict(zip(keys.tolist(), range(5000), strict=True))
+    snap, log = str(tmp_path / "t.snap"), str(tmp_path / "t.log")
+    index_log.write_snapshot(snap, 1, keys, np.arange(5000))
+    index_log.create_log(log)
+    length = 0
+    for ckpt in range(2, 6):
+        k = np.concatenate(
+            [rng.choice(keys, 300, replace=False), rng.integers(0, 2**64, 50, dtype=np.uint64)]
+        )
+        s = rng.integers(-1, 10**6, len(k))
+        for key, slot in zip(k.tolist(), s.tolist(), strict=True):
+            model[key] = slot
+        length = index_log.append_log(log, ckpt, k, s, committed=length)
+    got_k, got_s = index_log.load(snap, log, length)
+    assert dict(zip(got_k.tolist(), got_s.tolist(), strict=True)) == {
+        k: v for k, v in model.items() if v >= 0
+    }
+    assert len(got_k) == len({k for k, v in model.items() if v >= 0})
+    only_k, only_s = index_log.load(snap, None, 0)
+    assert np.array_equal(only_k, keys) and np.array_equal(only_s, np.arange(5000))

@@ -191,6 +191,13 @@ def _shared_flags(p: argparse.ArgumentParser, dataset: str, datasets: tuple, d: 
         default="float32",
         help="how the store keeps embeddings (16 bits: half the bytes per weight; default float32)",
     )
+    p.add_argument(
+        "--trainers",
+        type=int,
+        default=1,
+        help="concurrent trainer threads over one store, Hogwild-style on the tables under "
+        "--staleness-bound; dense layers shared (default 1)",
+    )
     p.add_argument("--max-steps", type=int, help="stop each epoch after this many steps (smoke tests)")
     p.add_argument(
         "--json", action="store_true", help="print the result as one JSON object (last line of stdout)"
@@ -251,7 +258,7 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 def _validate(args: argparse.Namespace) -> None:
     if args.distributed and args.baseline:
         raise InvalidArgumentError("--baseline trains in one process: run it without --distributed")
-    for flag in ("epochs", "batch_size", "threads"):
+    for flag in ("epochs", "batch_size", "threads", "trainers"):
         if getattr(args, flag) < 1:
             raise InvalidArgumentError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.staleness_bound < 0 or args.lookahead < 0 or args.checkpoint_every < 0:
@@ -306,7 +313,8 @@ def config_from_args(args: argparse.Namespace, log=None):
         staleness_bound=args.staleness_bound, lookahead=args.lookahead, engine=args.engine,
         resume=args.resume, overwrite=args.overwrite, dense_lr=args.dense_lr,
         checkpoint_every=args.checkpoint_every, distributed=args.distributed, dist_timeout=args.dist_timeout,
-        threads=args.threads, dtype=args.dtype, max_steps=args.max_steps, progress=args.progress, log=log,
+        threads=args.threads, dtype=args.dtype, trainers=args.trainers, max_steps=args.max_steps,
+        progress=args.progress, log=log,
     )  # fmt: skip
 
 

@@ -33,6 +33,7 @@ import mlkv.distributed
 import mlkv.torch
 
 from ..errors import InvalidArgumentError, MlkvError
+from . import trainers
 from .monitor import StepMonitor
 from .tables import MlkvTables, TorchTables, dense_parameters
 from .workload import Workload
@@ -55,6 +56,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0: only at the end of each epoch
     threads: int = 1
     dtype: str = "float32"  # embedding storage of the store's tables: float32, float16 or bfloat16
+    trainers: int = 1  # concurrent trainer threads over one store (mlkv backend; see trainers.py)
     max_steps: int | None = None  # per epoch, for smoke tests
     progress: bool = True
     log: Any = None  # a file for the per-epoch lines; None: stdout
@@ -243,6 +245,12 @@ def train(workload: Workload, cfg: TrainConfig, backend: str = "mlkv") -> dict[s
         raise MlkvError("--resume needs --path of an on-disk store (engine slab or rocksdb)")
     if cfg.resume and cfg.overwrite:
         raise MlkvError("--resume and --overwrite contradict each other: continue the run, or replace it")
+    if isinstance(cfg.trainers, bool) or not isinstance(cfg.trainers, int) or cfg.trainers < 1:
+        raise InvalidArgumentError(f"trainers must be an int >= 1, got {cfg.trainers!r}")
+    if cfg.trainers > 1 and cfg.distributed:
+        raise InvalidArgumentError(
+            "--trainers > 1 and --distributed do not combine yet: run one trainer per rank (more ranks)"
+        )
     make_deterministic(cfg.seed, cfg.threads)
     cfg = replace(cfg, cache_bytes=cache_budget(cfg.cache_bytes, workload.tables()))
     specs = workload.tables()
@@ -270,6 +278,9 @@ def train(workload: Workload, cfg: TrainConfig, backend: str = "mlkv") -> dict[s
         if cfg.resume:
             run.state = _resume(workload, store, model, dense_opt, store.path)
             print(f"resumed at epoch {run.state.epoch + 1}, step {run.state.step}", file=run.log)
+        if cfg.trainers > 1 and store is not None:
+            run.tables = tables
+            run.replicas = trainers.make_replicas(workload, tables, model, cfg.trainers, cfg.seed)
         run.epochs()
         report = run.finish()
         if store is not None:
@@ -317,6 +328,9 @@ class _Run:
         self.w, self.cfg, self.store, self.model, self.path = workload, cfg, store, model, path
         self.dense_opt, self.sparse_opt = dense_opt, sparse_opt
         self.state = LoopState()
+        self.replicas: list[trainers.Replica] = []  # concurrent trainers (cfg.trainers > 1)
+        self.tables = None
+        self.loss_window = LOSS_WINDOW
         self.log = cfg.log or sys.stdout
         self.monitor = StepMonitor(store, cfg.log_dir, cfg.plot) if cfg.log_dir or cfg.plot else None
         self.train_seconds = 0.0
@@ -379,13 +393,16 @@ class _Run:
         cfg, st = self.cfg, self.state
         loader = self._loader(st.epoch)
         try:
-            for batch in loader:
-                self._step(batch, boundary)
-                bar.update(batch.get("global_size", batch["size"]), st.losses[-1])
-                if boundary.interrupted:
-                    raise KeyboardInterrupt
-                if cfg.checkpoint_every and st.global_step % cfg.checkpoint_every == 0:
-                    self._checkpoint()
+            if self.replicas:  # concurrent trainers share the loader; each takes the next batch
+                trainers.train_epoch(self, loader, boundary, bar)
+            else:
+                for batch in loader:
+                    self._step(batch, boundary)
+                    bar.update(batch.get("global_size", batch["size"]), st.losses[-1])
+                    if boundary.interrupted:
+                        raise KeyboardInterrupt
+                    if cfg.checkpoint_every and st.global_step % cfg.checkpoint_every == 0:
+                        self._checkpoint()
         except BaseException as e:
             # between steps: keep everything done so far for --resume (not after a failed collective: the
             # checkpoint is one too, and would only replace the error that names the failure)
@@ -473,6 +490,14 @@ class _Run:
                 bytes_read=s["bytes_read"],
                 stall_seconds=s["stall_seconds"],
                 stall_fraction=s["stall_seconds"] / self.train_seconds if self.train_seconds else None,
+            )
+            whole = self.store.stats()  # the staleness figures of the whole run (the store opened with it)
+            out.update(
+                trainers=self.cfg.trainers,
+                staleness_waits=whole["staleness_waits"],
+                staleness_wait_seconds=whole["staleness_wait_seconds"],
+                async_updates=whole["async_updates"],
+                staleness_lag_hist=whole["staleness_lag_hist"],
             )
         return out
 

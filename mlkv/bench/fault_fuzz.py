@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
@@ -28,11 +27,6 @@ from .fault_crash import THREADS, open_tables, run_op
 MUTATIONS = ("flip", "flip", "flip", "bytes", "zero", "truncate", "extend", "delete", "swap")
 
 
-def _cut_inside_slab_header(engine: str, what: str) -> bool:
-    m = re.fullmatch(r"truncate \S+\.slab from \d+ to (\d+)", what)
-    return engine == "slab" and m is not None and 24 <= int(m.group(1)) < 4096
-
-
 #: damage this campaign found mishandled and that is still open (each has a strict-xfail test in
 #: tests/test_fault_campaigns.py): (label, predicate on (engine, what the mutation did)). The CI short form
 #: (`skip_known=True`) applies such a mutation but counts the case as skipped; the full campaign runs them.
@@ -40,10 +34,6 @@ KNOWN_FINDINGS = (
     (
         "slab: files of two same-width tables swapped (wrong rows: files carry no table identity)",
         lambda engine, what: engine == "slab" and what.startswith("swap"),
-    ),
-    (
-        "slab: slot file cut inside its 4 KiB header (ValueError, not CorruptionError)",
-        _cut_inside_slab_header,
     ),
     (
         "rocksdb: RocksDB MANIFEST cut short (can open as an empty store)",

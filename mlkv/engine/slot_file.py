@@ -165,9 +165,12 @@ class SlotFile:
             os.pwrite(self.fd, self._header_bytes(), 0)
 
     def _check_header(self) -> None:
+        size = os.fstat(self.fd).st_size
+        if size < HEADER_BYTES:  # mapping the slots after a short header would fail (ValueError)
+            raise CorruptionError(
+                self.path, size, f"file is {size} bytes, shorter than its {HEADER_BYTES}-byte header"
+            )
         raw = os.pread(self.fd, _HEADER.size + 4, 0)
-        if len(raw) < _HEADER.size + 4:
-            raise CorruptionError(self.path, 0, "file shorter than its header")
         magic, version, row_bytes, slot_bytes = _HEADER.unpack(raw[: _HEADER.size])
         if magic != MAGIC:
             raise CorruptionError(self.path, 0, f"bad magic {magic!r}")

@@ -212,3 +212,31 @@ def test_dtype_errors_and_schema(tmp_path, store_factory):
         s.table("h", stochastic_rounding=True)
     assert s.table("h").dtype == "float16" and s.table("h", dtype="float16").dtype == "float16"
     assert "stochastic_rounding" not in s.table("f").schema()  # float32 schemas as before
+
+
+def test_reshard_copies_16_bit_rows_and_their_dtype(tmp_path):
+    from mlkv.distributed import layout
+    from mlkv.distributed.reshard import reshard
+
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    keys = np.arange(500, dtype=np.uint64)
+    x = np.random.default_rng(3).standard_normal((500, 8)).astype(np.float32)
+    with mlkv.open(layout.shard_dir(src, 0, 1)) as s:
+        t = s.table("e", dim=8, dtype="bfloat16", stochastic_rounding=True, optimizer=Adagrad(lr=0.1))
+        t.put(keys, x)
+        t.update(keys, x)
+        want, state = t.get(keys, track=False), t.optimizer_state(keys)["sum"]
+        s.checkpoint()
+        ckpt = s.last_checkpoint()[0]
+    layout.write_record(src, 0, 1, ckpt)
+    assert reshard(src, 2, dst)["rows"] == 500
+    got, got_state = np.zeros_like(want), np.zeros_like(state)
+    for r in range(2):
+        with mlkv.open(layout.shard_dir(dst, r, 2), readonly=True) as s:
+            t = s.table("e")
+            assert t.dtype == "bfloat16" and t.stochastic_rounding
+            mine = t.contains(keys)
+            got[mine] = t.get(keys[mine], track=False)
+            got_state[mine] = t.optimizer_state(keys[mine])["sum"]
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_state, state)

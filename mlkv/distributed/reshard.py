@@ -36,8 +36,9 @@ def _engine_of(path: str) -> str:
     return store_engine(path)
 
 
-def _full_rows(store, name: str, width: int, batch_size: int):
-    """(keys, rows with optimizer state) of a readonly store's table, in file order."""
+def _full_rows(store, name: str, codec, batch_size: int):
+    """(keys, float32 rows with optimizer state) of a readonly store's table (`codec`: its RowCodec, which
+    decodes 16-bit embeddings), in file order."""
     with store._engine_lock.read():
         batches = store._engine.scan(name, batch_size)
     while True:
@@ -46,7 +47,7 @@ def _full_rows(store, name: str, width: int, batch_size: int):
         if batch is None:
             return
         keys, raw = batch
-        yield keys, np.ascontiguousarray(raw).view(np.float32).reshape(len(keys), width)
+        yield keys, codec.from_bytes(raw)
 
 
 def _write_full_rows(table, keys: np.ndarray, rows: np.ndarray) -> None:
@@ -131,13 +132,15 @@ def _copy(src, ins, m, n, dst, meta, batch_size, cache_bytes, progress, common) 
             srcs = [s.table(name) for s in ins]
             t0 = srcs[0]
             schema = t0.schema()
-            kwargs = {"dim": t0.dim, "optimizer": t0.optimizer}
+            kwargs = {"dim": t0.dim, "dtype": t0.dtype, "optimizer": t0.optimizer}
+            if t0.dtype != "float32":
+                kwargs["stochastic_rounding"] = t0.stochastic_rounding
             if schema.get("init", {}).get("kind") != "callable":
                 kwargs["init"] = init_from_config(schema["init"])
             dsts = [o.table(name, **kwargs) for o in outs]
             counts[name] = 0
             for t in srcs:
-                for keys, rows in _full_rows(t.store, name, t.width, batch_size):
+                for keys, rows in _full_rows(t.store, name, t._codec, batch_size):
                     own = owner_of(keys, n)
                     for r in range(n):
                         mine = own == r

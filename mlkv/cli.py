@@ -355,6 +355,18 @@ def cmd_reshard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_churn(args: argparse.Namespace) -> int:
+    from .bench import churn_bench
+
+    return churn_bench.main(args)
+
+
+def cmd_bench_staleness(args: argparse.Namespace) -> int:
+    from .bench import staleness_bench
+
+    return staleness_bench.main(args)
+
+
 def cmd_bench_train(args: argparse.Namespace) -> int:
     from .bench import train_bench
 
@@ -456,6 +468,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_arguments(train)
     train.set_defaults(func=cmd_bench_train)
+    staleness = bench_sub.add_parser(
+        "staleness",
+        help="throughput, accuracy and lag per staleness bound and trainer count (KGE, DLRM)",
+        description="Train KGE (and with --dlrm the DLRM workload) at each staleness bound with 1 and 2 "
+        "concurrent trainers, all in one run: samples/s, MRR/AUC, staleness waits and the observed lag "
+        "distribution, with ratios to s=0 and one trainer.",
+    )
+    from .bench.staleness_bench import add_arguments as add_staleness_arguments
+
+    add_staleness_arguments(staleness)
+    staleness.set_defaults(func=cmd_bench_staleness)
+    churn = bench_sub.add_parser(
+        "churn",
+        help="table size and accuracy with admission/expiry on an id stream that keeps growing",
+        description="Train one model on a stream whose ids are born and die (plus one-off noise ids) with "
+        "no admission/expiry, admit_after=2, ttl_steps, max_rows and admission+ttl: rows stored and "
+        "progressive AUC per configuration.",
+    )
+    from .bench.churn_bench import add_arguments as add_churn_arguments
+
+    add_churn_arguments(churn)
+    churn.set_defaults(func=cmd_bench_churn)
 
     reshard = sub.add_parser(
         "reshard",

@@ -139,9 +139,10 @@ def _resume(workload: Workload, store: mlkv.Store, model, dense_opt, path: str) 
     return LoopState(**meta["loop"])
 
 
-def cache_budget(value: int | str, specs) -> int | str:
+def cache_budget(value: int | str, specs, dtype: str = "float32") -> int | str:
     """`cache_bytes` as mlkv.open takes it; "P%" means P percent of the tables' bytes with their Adagrad
-    state (the workloads train with Adagrad), so a default such as "50%" stays below every dataset's size."""
+    state (the workloads train with Adagrad), so a default such as "50%" stays below every dataset's size.
+    `dtype`: the tables' embedding dtype (2 bytes per weight for float16/bfloat16)."""
     if not (isinstance(value, str) and value.strip().endswith("%")):
         return value
     try:
@@ -155,7 +156,8 @@ def cache_budget(value: int | str, specs) -> int | str:
     total = 0
     for spec in specs.values():
         rows = spec.rows if spec.rows is not None else len(spec.keys())
-        total += rows * 4 * (spec.dim + mlkv.optim.Adagrad(lr=spec.lr).state_width(spec.dim))
+        weight = 4 if dtype == "float32" else 2
+        total += rows * (weight * spec.dim + 4 * mlkv.optim.Adagrad(lr=spec.lr).state_width(spec.dim))
     return max(int(share * total), 1)
 
 
@@ -165,9 +167,8 @@ def table_footprint(store: mlkv.Store, names) -> tuple[int, int]:
     for name in names:
         t = store.table(name)
         n = len(t)
-        state = t.optimizer.state_width(t.dim) if t.optimizer else 0
         rows += n
-        nbytes += n * 4 * (t.dim + state)
+        nbytes += n * t.tier.row_bytes  # as stored: 16-bit embeddings take 2 bytes per weight
     return rows, nbytes
 
 
@@ -252,7 +253,7 @@ def train(workload: Workload, cfg: TrainConfig, backend: str = "mlkv") -> dict[s
             "--trainers > 1 and --distributed do not combine yet: run one trainer per rank (more ranks)"
         )
     make_deterministic(cfg.seed, cfg.threads)
-    cfg = replace(cfg, cache_bytes=cache_budget(cfg.cache_bytes, workload.tables()))
+    cfg = replace(cfg, cache_bytes=cache_budget(cfg.cache_bytes, workload.tables(), cfg.dtype))
     specs = workload.tables()
     leave_group = False
     if cfg.distributed:

@@ -30,10 +30,10 @@ that has table files always has a manifest. Hence:
   deleted or created. A damaged manifest (bad magic, version, length or CRC-32) raises the same way.
 - a file the manifest names is missing (`.slab`, `.snap`, or a `.log` it commits bytes of): CorruptionError
   naming the file; nothing is created in its place.
-- opening never deletes a file, except a writable open that lowers `keep`: it first commits the manifest
-  without the pruned checkpoints, then deletes as below. Files are deleted only right after a manifest
-  has committed (a checkpoint, a rollback, such an open), and only those matching the patterns above that
-  no checkpoint this manifest keeps names: tables created after the previous checkpoint by a process that
+- opening never deletes a file (a writable open that lowers `keep` commits a manifest without the pruned
+  checkpoints; their files go at the next checkpoint). Files are deleted only right after a checkpoint or a
+  rollback has committed a manifest, and only those matching the patterns above that no checkpoint this
+  manifest keeps names: tables created after the previous checkpoint by a process that
   then died (a writable open moves next_id past their ids, so they are never reused), tables dropped
   before every kept checkpoint (ids are never reused), and generations no kept checkpoint names
   (superseded, begun by a checkpoint that never committed, or of checkpoints a rollback dropped). Nothing
@@ -262,7 +262,8 @@ class _SlabTable:
 
     def verify(self) -> list[str]:
         keys, slots = self.index.items()
-        return self.file.verify(keys, slots, self.n_slots)  # one sequential pass in slot order
+        order = np.argsort(slots)
+        return self.file.verify_slots(keys[order], slots[order])
 
     def scan(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The keys live at the first batch, in file order, each read at the slot it has when its batch is
@@ -318,12 +319,11 @@ class SlabEngine(Engine):
             for f in table_files(path):
                 next_id = max(next_id, int(f[1:].split(".")[0]) + 1)
         if not readonly and keep is not None and keep != manifest.get("keep", 1):
-            # history beyond the new keep goes now: commit the shorter list, then delete what it drops
+            # history beyond the new keep goes now: commit the shorter list (its files go at the next commit)
             kept = _kept(manifest)
             older = _last(kept[: len(kept) - 1], keep - 1)
             manifest = {**manifest, "next_id": next_id, "keep": keep, "history": older}
             write_manifest(path, manifest, after_rename=lambda: crash_point("manifest:after_rename"))
-            self._remove_orphans(manifest)
         self.keep_checkpoints = manifest.get("keep", 1)
         self._tables: dict[str, _SlabTable] = {}
         if checkpoint is not None:

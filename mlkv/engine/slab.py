@@ -262,8 +262,7 @@ class _SlabTable:
 
     def verify(self) -> list[str]:
         keys, slots = self.index.items()
-        order = np.argsort(slots)
-        return self.file.verify_slots(keys[order], slots[order])
+        return self.file.verify(keys, slots, self.n_slots)  # one sequential pass in slot order
 
     def scan(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The keys live at the first batch, in file order, each read at the slot it has when its batch is

@@ -240,3 +240,27 @@ def test_reshard_copies_16_bit_rows_and_their_dtype(tmp_path):
             got_state[mine] = t.optimizer_state(keys[mine])["sum"]
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got_state, state)
+
+
+def test_mlkv_train_dtype_flag_stores_the_workload_tables_in_16_bits(tmp_path):
+    import argparse
+    import io
+
+    from mlkv.workloads.cli import add_train_parsers, config_from_args, make_workload
+    from mlkv.workloads.runner import train
+
+    parser = argparse.ArgumentParser(prog="mlkv")
+    add_train_parsers(parser.add_subparsers(dest="command"))
+    argv = ["train", "kge", "--dataset", "nations", "--dim", "16", "--negatives", "8", "--epochs", "1"]
+    args = parser.parse_args([*argv, "--max-steps", "3", "--no-progress", "--path", str(tmp_path / "s")])
+    args.dtype = "bfloat16"
+    report = train(make_workload(args), config_from_args(args, log=io.StringIO()))
+    with mlkv.open(str(tmp_path / "s")) as s:
+        tables = [s.table(name) for name in s.tables()]
+        assert tables and all(t.dtype == "bfloat16" for t in tables)
+        assert report["table_bytes"] == sum(len(t) * t.tier.row_bytes for t in tables)
+        for t in tables:
+            _, rows = next(t.items())
+            np.testing.assert_array_equal(rows, torch_round(rows, "bfloat16"))
+    with pytest.raises(SystemExit):  # argparse lists the choices
+        parser.parse_args([*argv, "--dtype", "float64"])

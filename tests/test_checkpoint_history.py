@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +115,8 @@ def _last_id(path, engine: str) -> int:
         from mlkv.engine import memory
 
         return memory._REGISTRY[os.path.abspath(path)]["states"][-1][0]["checkpoint_id"]
-    return read_manifest(os.fspath(path))["meta"]["checkpoint_id"]
+    meta = read_manifest(os.fspath(path))["meta"]
+    return meta and meta["checkpoint_id"]
 
 
 def files_match_manifest(path) -> None:
@@ -130,6 +132,7 @@ def run_steps(store, models: dict, first: int, last: int, variant: int = 0) -> N
 
 
 # ---- behaviour ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_kept_checkpoints_read_back_exactly_while_the_writer_continues(tmp_path, monkeypatch):
     monkeypatch.setattr(slab, "_MIN_LOG_BYTES", 0)  # index snapshots rotate: generations get pruned too
     path = tmp_path / "s"
@@ -355,6 +358,7 @@ def run_writer(*args, crash_at: str) -> None:
     assert out.returncode == -9, (crash_at, out.returncode, out.stderr[-2000:])
 
 
+@pytest.mark.slow
 def test_kill_inside_a_pruning_checkpoint_leaves_every_kept_checkpoint(tmp_path, monkeypatch):
     """kill -9 at each fault point of a checkpoint that prunes the oldest kept one: after reopening, the
     kept checkpoints are the old list (crash before the commit) or the new one (after), each exact."""
@@ -374,6 +378,7 @@ def test_kill_inside_a_pruning_checkpoint_leaves_every_kept_checkpoint(tmp_path,
         assert check_kept(path, models) == [6, 7, 8], point
 
 
+@pytest.mark.slow
 def test_kill_inside_a_rollback_leaves_the_old_or_the_new_history(tmp_path, monkeypatch):
     monkeypatch.setattr(slab, "_MIN_LOG_BYTES", 0)
     for point in ("manifest:before_rename", "manifest:after_rename"):
@@ -393,12 +398,46 @@ def test_kill_inside_a_rollback_leaves_the_old_or_the_new_history(tmp_path, monk
         assert check_kept(path, models) == [4, 5, 6, 7], point
 
 
+@pytest.mark.slow
+def test_kill_at_random_moments_leaves_every_kept_checkpoint(tmp_path, monkeypatch):
+    """A writer with keep_checkpoints=3 checkpointing in a loop, SIGKILLed at a random moment, twice; it
+    resumes after its last checkpoint with other work (another variant) each time."""
+    monkeypatch.setattr(slab, "_MIN_LOG_BYTES", 0)
+    path = tmp_path / "s"
+    mlkv.open(path, keep_checkpoints=3).close()
+    rng = np.random.default_rng(1)
+    models: dict = {}
+    first = 1
+    for variant in range(2):
+        env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+        env.pop("MLKV_CRASH_AT", None)
+        args = [sys.executable, __file__, "steps", str(path), str(first), "100000", str(variant)]
+        w = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert w.stdout.readline().strip() == "started", w.stderr.read()
+        deadline = time.monotonic() + 120
+        while (_last_id(path, "slab") or 0) < first and time.monotonic() < deadline:
+            time.sleep(0.05)  # the first step after an open is slow: the kill lands among later ones
+        time.sleep(rng.uniform(0.3, 1.0))
+        w.kill()
+        w.wait()
+        last = read_manifest(os.fspath(path))["meta"]["checkpoint_id"]
+        assert last >= first + 2, "the writer made too few checkpoints to test anything"
+        for c in range(first, last + 1):
+            models[c] = model_step(models.get(c - 1, {}), c, variant)
+        assert check_kept(path, models) == [last - 2, last - 1, last]
+        first = last + 1
+    with mlkv.open(path, cache_bytes=CACHE) as store:
+        run_steps(store, models, first, first + 2, variant=9)
+    files_match_manifest(path)
+
+
 def _writer_main(argv: list[str]) -> None:
     slab._MIN_LOG_BYTES = 0
     crash_at = os.environ.get("HIST_CRASH_AT", "")
     if argv[0] == "steps":
         path, first, last, variant = argv[1], int(argv[2]), int(argv[3]), int(argv[4])
         store = mlkv.open(path, cache_bytes=CACHE)
+        print("started", flush=True)
         for c in range(first, last + 1):
             if c == last:
                 os.environ["MLKV_CRASH_AT"] = crash_at

@@ -12,7 +12,7 @@ import pytest
 
 import mlkv
 from mlkv.cli import main
-from mlkv.engine import index_log, slot_file
+from mlkv.engine import index_log, slab, slot_file
 from mlkv.engine.key_index import KeyIndex
 from mlkv.engine.manifest import read_manifest, write_manifest
 from mlkv.engine.slot_file import HEADER_BYTES, slot_bytes_for
@@ -145,7 +145,7 @@ def test_index_load_of_snapshot_and_log_matches_a_dict_model(tmp_path):
     keys = rng.integers(0, 2**64, 5000, dtype=np.uint64)
     model = dict(zip(keys.tolist(), range(5000), strict=True))
     snap, log = str(tmp_path / "t.snap"), str(tmp_path / "t.log")
-    index_log.write_snapshot(snap, 1, keys, np.arange(5000))
+    index_log.write_snapshot(snap, 1, keys, np.arange(5000), table_id=0)
     index_log.create_log(log)
     length = 0
     for ckpt in range(2, 6):
@@ -155,7 +155,7 @@ def test_index_load_of_snapshot_and_log_matches_a_dict_model(tmp_path):
         s = rng.integers(-1, 10**6, len(k))
         for key, slot in zip(k.tolist(), s.tolist(), strict=True):
             model[key] = slot
-        length = index_log.append_log(log, ckpt, k, s, committed=length)
+        length = index_log.append_log(log, ckpt, k, s, committed=length, table_id=0)
     got_k, got_s = index_log.load(snap, log, length)
     assert dict(zip(got_k.tolist(), got_s.tolist(), strict=True)) == {
         k: v for k, v in model.items() if v >= 0
@@ -163,3 +163,38 @@ def test_index_load_of_snapshot_and_log_matches_a_dict_model(tmp_path):
     assert len(got_k) == len({k for k, v in model.items() if v >= 0})
     only_k, only_s = index_log.load(snap, None, 0)
     assert np.array_equal(only_k, keys) and np.array_equal(only_s, np.arange(5000))
+
+
+def test_checkpoint_of_a_bulk_load_snapshots_without_deduplicating_and_reopens_exactly(tmp_path, monkeypatch):
+    """70,000 new keys outgrow the 1 MiB log: the snapshot is written without a dedup of every key
+    written (the keys the epoch added prove it is due); the next, small epoch goes to the log."""
+    path = str(tmp_path / "s")
+    rng = np.random.default_rng(2)
+    keys = np.unique(rng.integers(0, 2**64, 70_000, dtype=np.uint64))
+    rows = rng.integers(0, 256, (len(keys), 8), dtype=np.uint8)
+    eng = mlkv.engine.open_engine("slab", path)
+    eng.create_table("t", 8)
+    for i in range(0, len(keys), 10_000):
+        eng.write("t", keys[i : i + 10_000], rows[i : i + 10_000])
+        eng.write("t", keys[i : i + 10], rows[i : i + 10])  # rewrites: the write list repeats keys
+    with monkeypatch.context() as m:
+        m.setattr(slab, "unique_keys", lambda k: pytest.fail("deduplicated a bulk load's keys"))
+        eng.checkpoint({"checkpoint_id": 1})
+    state = read_manifest(path)["tables"]["t"]
+    assert state["has_snapshot"] and state["log_len"] == 0 and state["rows"] == len(keys)
+    rows[:5] = 0
+    eng.write("t", keys[:5], rows[:5])
+    eng.delete("t", keys[5:7])
+    eng.checkpoint({"checkpoint_id": 2})
+    eng.close()
+    state = read_manifest(path)["tables"]["t"]
+    assert state["log_len"] > 0 and state["rows"] == len(keys) - 2
+    eng = mlkv.engine.open_engine("slab", path, readonly=True)
+    try:
+        got, found = eng.read("t", keys)
+        live = np.ones(len(keys), dtype=bool)
+        live[5:7] = False
+        assert np.array_equal(found, live) and np.array_equal(got[live], rows[live])
+        assert eng.verify() == []
+    finally:
+        eng.close()

@@ -127,7 +127,8 @@ class _SlabTable:
         keys, slots = self._load(state) if state else (np.empty(0, np.uint64), np.empty(0, np.int64))
         self.index = KeyIndex(len(keys))
         self.index.insert_new(keys, slots)
-        self.file = SlotFile(self._path("slab"), row_bytes, readonly)
+        self.rows_committed = len(keys)  # live keys of the last commit (see `checkpoint`)
+        self.file = SlotFile(self._path("slab"), row_bytes, readonly, table_id=tid)
         try:
             self.file.check_size(self.n_slots)  # a short file would SIGBUS on a mapped read
             self.file.ensure_capacity(self.n_slots)
@@ -157,7 +158,7 @@ class _SlabTable:
         """The (keys, slots) of a committed table state: its snapshot plus its log prefix."""
         gen = state["gen"]
         snap = self._path(f"{gen}.snap") if state["has_snapshot"] else None
-        keys, slots = index_log.load(snap, self._path(f"{gen}.log"), state["log_len"])
+        keys, slots = index_log.load(snap, self._path(f"{gen}.log"), state["log_len"], self.tid)
         if len(slots) and int(slots.max()) >= min(state["n_slots"], self.n_slots):
             raise CorruptionError(self._path(f"{gen}.log"), 0, "index names a slot past the table end")
         return keys, slots
@@ -229,19 +230,27 @@ class _SlabTable:
             return
         self.file.sync()
         crash_point("slab:after_sync")
-        keys = unique_keys(np.concatenate(self.changed))
-        slots = self.index.lookup(keys)
-        if self.log_len + 16 * len(keys) > max(16 * self.snapshot_pairs, _MIN_LOG_BYTES):
+        limit = max(16 * self.snapshot_pairs, _MIN_LOG_BYTES)
+        # the keys live now but not at the last commit changed: when they alone outgrow the log, the
+        # snapshot is due without deduplicating every key written (a bulk load: 100M keys, ~7 GB)
+        grown = len(self.index) - self.rows_committed
+        keys = None if self.log_len + 16 * grown > limit else unique_keys(np.concatenate(self.changed))
+        if keys is None or self.log_len + 16 * len(keys) > limit:
             live_k, live_s = self.index.items()
             gen = self.gen + 1
-            index_log.write_snapshot(self._path(f"{gen}.snap"), ckpt, live_k, live_s)
+            index_log.write_snapshot(self._path(f"{gen}.snap"), ckpt, live_k, live_s, table_id=self.tid)
             index_log.create_log(self._path(f"{gen}.log"))
             self.gen, self.has_snapshot, self.snapshot_pairs, self.log_len = gen, True, len(live_k), 0
+            epoch_slots = live_s  # a superset: the live slots this epoch did not write are frozen already
         else:
+            slots = self.index.lookup(keys)
             log = self._path(f"{self.gen}.log")
-            self.log_len = index_log.append_log(log, ckpt, keys, slots, committed=self.log_len)
+            self.log_len = index_log.append_log(
+                log, ckpt, keys, slots, committed=self.log_len, table_id=self.tid
+            )
+            epoch_slots = slots[slots >= 0]
         crash_point("slab:after_log")
-        self._epoch_slots = slots[slots >= 0]
+        self._epoch_slots = epoch_slots
 
     def committed(self, prev_seq: int, oldest_seq: int) -> None:
         """The manifest now names this epoch: freeze its slots; the ones it replaced were last referenced
@@ -253,6 +262,7 @@ class _SlabTable:
                 self.retired.append((prev_seq, np.concatenate(self.pending_free)))
             self.pending_free.clear()
             self.changed.clear()
+            self.rows_committed = len(self.index)
         if any(seq < oldest_seq for seq, _ in self.retired):
             old = [s for seq, s in self.retired if seq < oldest_seq]
             self.retired = [(seq, s) for seq, s in self.retired if seq >= oldest_seq]

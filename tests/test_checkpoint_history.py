@@ -106,6 +106,7 @@ def check_kept(path, models: dict, engine: str = "slab") -> list[int]:
     for cid, metadata in kept:
         with mlkv.open(path, readonly=True, engine=engine, checkpoint=cid) as r:
             assert r.last_checkpoint() == (cid, metadata)
+            assert r.checkpoints() == kept
             assert contents(r) == models[cid], f"checkpoint {cid} differs from the model"
     return [cid for cid, _ in kept]
 

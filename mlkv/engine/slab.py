@@ -335,6 +335,7 @@ class SlabEngine(Engine):
             write_manifest(path, manifest, after_rename=lambda: crash_point("manifest:after_rename"))
         self.keep_checkpoints = manifest.get("keep", 1)
         self._tables: dict[str, _SlabTable] = {}
+        self._listed: list[dict] | None = None  # an open at an older checkpoint: the kept ones at open
         if checkpoint is not None:
             manifest = self._open_checkpoint(manifest, checkpoint)
         else:
@@ -379,6 +380,7 @@ class SlabEngine(Engine):
                     raise
                 manifest = now
                 continue
+            self._listed = [e["meta"] for e in entries]
             return {**manifest, "meta": entry["meta"], "tables": entry["tables"]}
         raise MlkvError(f"{self.path}: the manifest kept changing while checkpoint {checkpoint} was opened")
 
@@ -390,6 +392,8 @@ class SlabEngine(Engine):
                 os.remove(os.path.join(self.path, f))
 
     def checkpoints(self) -> list[dict]:
+        if self._listed is not None:
+            return list(self._listed)
         return [e["meta"] for e in _kept(self._manifest)]
 
     def rollback(self, checkpoint_id: int) -> list[dict]:

@@ -4,7 +4,10 @@ A checkpoint appends one record with the (key, slot) pairs that changed since th
 (slot -1: deleted), so its cost follows what changed, not the table size. When the log outgrows the
 snapshot, the next checkpoint writes a fresh snapshot instead (amortised O(changes)). Recovery loads the
 snapshot and replays the log up to the length the manifest committed: a sequential read at disk speed.
-Both files carry magic/version and CRC-32s over header and payload.
+Both files carry magic/version and CRC-32s over header and payload. Each record (version 2) also names
+the manifest's id of its table, checked on load: a snapshot or log of another table (files swapped or
+restored under the wrong name) is a CorruptionError naming the file, never another table's index. Version-1
+records (written before mlkv recorded the id; a log may hold both versions) load unchecked.
 
 Durability: each write ends with an fsync of the file; the directory entry of a new file is made durable by
 the manifest commit that follows (replace_atomically fsyncs the directory). A failed write (full disk: a
@@ -27,30 +30,42 @@ from .key_index import KeyIndex, unique_inverse
 
 SNAP_MAGIC = b"MLKVSNAP"
 LOG_MAGIC = b"MLKVILOG"
-VERSION = 1
-# magic, version, checkpoint id, pair count, payload CRC-32; the header's own CRC-32 follows
-_REC = struct.Struct("<8sIQQI")
+VERSION = 2
+# magic, version, checkpoint id, pair count, payload CRC-32, table id (below 2**32); the header's own
+# CRC-32 follows (40 bytes in all: the payload's words are aligned)
+_REC = struct.Struct("<8sIQQII")
 _REC_BYTES = _REC.size + 4
+_REC_V1 = struct.Struct("<8sIQQI")  # version 1: no table id
 
 
-def _pack(magic: bytes, ckpt: int, keys: np.ndarray, slots: np.ndarray) -> bytes:
+def _pack(magic: bytes, ckpt: int, keys: np.ndarray, slots: np.ndarray, table_id: int) -> bytes:
     payload = keys.astype(np.uint64).tobytes() + slots.astype(np.int64).tobytes()
-    head = _REC.pack(magic, VERSION, ckpt, len(keys), zlib.crc32(payload))
+    head = _REC.pack(magic, VERSION, ckpt, len(keys), zlib.crc32(payload), table_id)
     return head + struct.pack("<I", zlib.crc32(head)) + payload
 
 
-def _unpack(path: str, buf: memoryview, off: int, magic: bytes) -> tuple[int, np.ndarray, np.ndarray, int]:
-    """One record at `off`: (checkpoint id, keys, slots, offset after it)."""
-    if off + _REC_BYTES > len(buf):
+def _unpack(
+    path: str, buf: memoryview, off: int, magic: bytes, table_id: int | None
+) -> tuple[int, np.ndarray, np.ndarray, int]:
+    """One record at `off`: (checkpoint id, keys, slots, offset after it). `table_id`: the id the record
+    must name (None: not checked; a version-1 record names none)."""
+    if off + 12 > len(buf):
         raise CorruptionError(path, off, "record header truncated")
-    head = bytes(buf[off : off + _REC.size])
-    (head_crc,) = struct.unpack("<I", buf[off + _REC.size : off + _REC_BYTES])
-    if zlib.crc32(head) != head_crc:
-        raise CorruptionError(path, off, "record header CRC-32 mismatch")
-    m, version, ckpt, n, crc = _REC.unpack(head)
-    if m != magic or version != VERSION:
+    m, version = struct.unpack_from("<8sI", buf, off)
+    if m != magic or version not in (1, VERSION):
         raise CorruptionError(path, off, f"bad magic/version {m!r}/{version}")
-    start, end = off + _REC_BYTES, off + _REC_BYTES + 16 * n
+    rec = _REC if version == VERSION else _REC_V1
+    if off + rec.size + 4 > len(buf):
+        raise CorruptionError(path, off, "record header truncated")
+    head = bytes(buf[off : off + rec.size])
+    if zlib.crc32(head) != struct.unpack_from("<I", buf, off + rec.size)[0]:
+        raise CorruptionError(path, off, "record header CRC-32 mismatch")
+    _, _, ckpt, n, crc, *tid = rec.unpack(head)
+    if tid and table_id is not None and tid[0] != table_id:
+        raise CorruptionError(
+            path, off, f"record of table id {tid[0]}; the manifest names this file for table {table_id}"
+        )
+    start, end = off + rec.size + 4, off + rec.size + 4 + 16 * n
     if end > len(buf):
         raise CorruptionError(path, off, f"record of {n} pairs truncated")
     if zlib.crc32(buf[start:end]) != crc:
@@ -60,8 +75,8 @@ def _unpack(path: str, buf: memoryview, off: int, magic: bytes) -> tuple[int, np
     return ckpt, keys, slots, end
 
 
-def write_snapshot(path: str, ckpt: int, keys: np.ndarray, slots: np.ndarray) -> None:
-    record = _pack(SNAP_MAGIC, ckpt, keys, slots)
+def write_snapshot(path: str, ckpt: int, keys: np.ndarray, slots: np.ndarray, *, table_id: int) -> None:
+    record = _pack(SNAP_MAGIC, ckpt, keys, slots, table_id)
     try:
         with storage_errors(path, "writing an index snapshot", len(record)):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -85,14 +100,15 @@ def create_log(path: str) -> None:
 
 
 def append_log(
-    path: str, ckpt: int, keys: np.ndarray, slots: np.ndarray, committed: int | None = None
+    path: str, ckpt: int, keys: np.ndarray, slots: np.ndarray, committed: int | None = None, *, table_id: int
 ) -> int:
-    """Append one durable record; return the log's new length (what the manifest commits).
+    """Append one durable record of table `table_id`; return the log's new length (what the manifest
+    commits).
 
     `committed`: the length the manifest committed. Anything past it is the record of a checkpoint that
     crashed (or failed) before its manifest commit; it is cut off first, or the next commit would cover it.
     """
-    record = _pack(LOG_MAGIC, ckpt, keys, slots)
+    record = _pack(LOG_MAGIC, ckpt, keys, slots, table_id)
     with storage_errors(path, "appending to an index log", len(record)):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
@@ -116,8 +132,12 @@ def append_log(
         os.close(fd)
 
 
-def load(snapshot: str | None, log: str | None, log_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Replay snapshot + the first `log_len` bytes of the log into final (keys, slots), deletions dropped."""
+def load(
+    snapshot: str | None, log: str | None, log_len: int, table_id: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Replay snapshot + the first `log_len` bytes of the log into final (keys, slots), deletions dropped.
+    `table_id`: the manifest's id of the table, checked against every record that names one (None: not
+    checked); CorruptionError naming the file on a mismatch."""
     parts_k, parts_s = [], []
     if snapshot:
         try:
@@ -127,7 +147,7 @@ def load(snapshot: str | None, log: str | None, log_len: int) -> tuple[np.ndarra
                 f.readinto(buf)
         except FileNotFoundError:
             raise CorruptionError(snapshot, 0, "index snapshot named by the manifest is missing") from None
-        _, k, s, end = _unpack(snapshot, buf, 0, SNAP_MAGIC)
+        _, k, s, end = _unpack(snapshot, buf, 0, SNAP_MAGIC, table_id)
         if end != len(buf):
             raise CorruptionError(snapshot, end, "trailing bytes after snapshot")
         parts_k.append(k)
@@ -144,7 +164,7 @@ def load(snapshot: str | None, log: str | None, log_len: int) -> tuple[np.ndarra
             raise CorruptionError(log, len(buf), f"log shorter than the committed {log_len} bytes")
         off = 0
         while off < log_len:
-            _, k, s, off = _unpack(log, buf, off, LOG_MAGIC)
+            _, k, s, off = _unpack(log, buf, off, LOG_MAGIC, table_id)
             parts_k.append(k)
             parts_s.append(s)
     if not parts_k:

@@ -1,6 +1,10 @@
 """SlotFile: one table's rows in fixed-width slots of a memory-mapped file.
 
-Layout: a 4 KiB header (magic, version, row/slot width, CRC-32), then slot i at 4096 + i * slot_bytes.
+Layout: a 4 KiB header (magic, version, row/slot width, table id, CRC-32), then slot i at
+4096 + i * slot_bytes. The table id (version 2) is the manifest's id of the table the file belongs to: an
+open checks it, so a slab file of another table of the same width (files swapped or restored under the
+wrong name) is a CorruptionError, not another table's rows. A version-1 file (written before mlkv recorded
+the id) opens unchecked and keeps its header.
 A slot is [key u64 | check u64 | row bytes, zero-padded to a multiple of 8]. Storing the key lets a read
 prove the slot belongs to the key it was asked for; `check` is a 64-bit multiply-sum hash of key and row
 computed over a whole batch in one compiled loop, and any single flipped bit or torn/zeroed slot fails it.
@@ -35,9 +39,10 @@ from .key_index import hash64
 from .prefetch import prefetch_at
 
 MAGIC = b"MLKVSLAB"
-VERSION = 1
+VERSION = 2
 HEADER_BYTES = 4096
-_HEADER = struct.Struct("<8sIII")  # magic, version, row_bytes, slot_bytes; CRC-32 follows
+_HEADER = struct.Struct("<8sIIII")  # magic, version, row_bytes, slot_bytes, table id; CRC-32 follows
+_HEADER_V1 = struct.Struct("<8sIII")  # version 1: no table id
 _MIN_SLOTS = 1 << 12
 _RESERVE_STEP = 1 << 20  # reservations are rounded up to this many bytes: one fallocate per MiB of growth
 
@@ -134,8 +139,11 @@ MAX_REPORTED = 100  # bad slots described one by one by `verify`; the rest are c
 
 
 class SlotFile:
-    def __init__(self, path: str, row_bytes: int, readonly: bool = False):
+    def __init__(self, path: str, row_bytes: int, readonly: bool = False, *, table_id: int):
+        """`table_id`: the manifest's id of the table (below 2**32), recorded in a new file's header and
+        checked against an existing one's (CorruptionError naming the file when it differs)."""
         self.path = path
+        self.table_id = table_id
         self.row_bytes = row_bytes
         self.slot_bytes = slot_bytes_for(row_bytes)
         self.readonly = readonly
@@ -156,7 +164,7 @@ class SlotFile:
             raise
 
     def _header_bytes(self) -> bytes:
-        body = _HEADER.pack(MAGIC, VERSION, self.row_bytes, self.slot_bytes)
+        body = _HEADER.pack(MAGIC, VERSION, self.row_bytes, self.slot_bytes, self.table_id)
         return body + struct.pack("<I", zlib.crc32(body))
 
     def _write_header(self) -> None:
@@ -171,15 +179,23 @@ class SlotFile:
                 self.path, size, f"file is {size} bytes, shorter than its {HEADER_BYTES}-byte header"
             )
         raw = os.pread(self.fd, _HEADER.size + 4, 0)
-        magic, version, row_bytes, slot_bytes = _HEADER.unpack(raw[: _HEADER.size])
+        magic, version = struct.unpack_from("<8sI", raw)
         if magic != MAGIC:
             raise CorruptionError(self.path, 0, f"bad magic {magic!r}")
-        if struct.unpack("<I", raw[_HEADER.size :])[0] != zlib.crc32(raw[: _HEADER.size]):
+        if version not in (1, VERSION):
+            raise CorruptionError(self.path, 8, f"slab version {version}, this mlkv reads 1 and {VERSION}")
+        head = _HEADER if version == VERSION else _HEADER_V1
+        if struct.unpack_from("<I", raw, head.size)[0] != zlib.crc32(raw[: head.size]):
             raise CorruptionError(self.path, 0, "header CRC-32 mismatch")
-        if version != VERSION:
-            raise CorruptionError(self.path, 8, f"slab version {version}, this mlkv reads {VERSION}")
+        _, _, row_bytes, slot_bytes, *table_id = head.unpack_from(raw)
         if (row_bytes, slot_bytes) != (self.row_bytes, self.slot_bytes):
             raise CorruptionError(self.path, 12, f"row width {row_bytes}, manifest says {self.row_bytes}")
+        if table_id and table_id[0] != self.table_id:  # version 1 records none
+            raise CorruptionError(
+                self.path,
+                20,
+                f"the file belongs to table id {table_id[0]}; the manifest names it as table {self.table_id}",
+            )
 
     def _map(self) -> None:
         size = os.fstat(self.fd).st_size

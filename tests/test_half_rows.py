@@ -50,6 +50,8 @@ def test_put_get_round_trip_as_torch_rounds_through_queue_engine_and_reopen(
     np.testing.assert_array_equal(t.get(keys, track=False), want)
     t.flush()
     np.testing.assert_array_equal(t.get(keys[::-1], track=False), want[::-1])
+    t.lookahead(keys[:300])  # rows admitted by the look-ahead threads
+    np.testing.assert_array_equal(t.get(keys[:300], track=False), want[:300])
     s.close()
     s = store_factory(engine, tmp_path / "s", cache_bytes="16KiB")
     t = s.table("e")  # dtype=None: the stored one
@@ -264,3 +266,22 @@ def test_mlkv_train_dtype_flag_stores_the_workload_tables_in_16_bits(tmp_path):
             np.testing.assert_array_equal(rows, torch_round(rows, "bfloat16"))
     with pytest.raises(SystemExit):  # argparse lists the choices
         parser.parse_args([*argv, "--dtype", "float64"])
+
+
+def test_asynchronous_updates_round_like_synchronous_ones(tmp_path, store_factory):
+    """update_async runs the optimizer with the store lock released (the applier): same stored rows."""
+    keys = np.arange(800, dtype=np.uint64)
+    rng = np.random.default_rng(4)
+    grads = [rng.standard_normal((800, 8)).astype(np.float32) for _ in range(4)]
+    got = []
+    for bound in (0, 2):
+        s = store_factory("slab", tmp_path / f"s{bound}", cache_bytes="16KiB", staleness_bound=bound)
+        t = s.table("e", dim=8, dtype="bfloat16", stochastic_rounding=True, optimizer=Adagrad(lr=0.1))
+        for g in grads:
+            t.get(keys)
+            t.update_async(keys, g)
+        t.wait_updates()
+        got.append(t.get(keys, track=False))
+    assert s.stats()["async_updates"] == 4
+    np.testing.assert_array_equal(got[0], got[1])
+    np.testing.assert_array_equal(got[1], torch_round(got[1], "bfloat16"))

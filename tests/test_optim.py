@@ -221,3 +221,24 @@ def test_apply_validation():
 def test_from_config_errors(cfg, match):
     with pytest.raises(ValueError, match=match):
         optimizer_from_config(cfg)
+
+
+def test_adagrad_weight_decay_on_resident_rows_matches_torch(tmp_path):
+    """Rows that are all in the memory tier take the fused Adagrad kernel; with weight decay they must not:
+    the result equals torch.optim.Adagrad(weight_decay=...) on the same rows."""
+    import mlkv
+
+    with mlkv.open(tmp_path / "s", engine="memory") as store:
+        opt = Adagrad(lr=0.1, weight_decay=0.5)
+        t = store.table("a", dim=3, optimizer=opt, init=mlkv.init.Normal(0.0, 1.0))
+        keys = np.arange(4)
+        start = t.get(keys, track=False).copy()
+        for _ in range(3):
+            t.update(keys, np.ones((4, 3), np.float32))
+        got = t.get(keys, track=False)
+    w = torch.nn.Parameter(torch.tensor(start))
+    opt = torch.optim.Adagrad([w], lr=0.1, weight_decay=0.5)
+    for _ in range(3):
+        w.grad = torch.ones(4, 3)
+        opt.step()
+    np.testing.assert_allclose(got, w.detach().numpy(), rtol=1e-5, atol=1e-6)

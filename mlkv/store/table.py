@@ -536,7 +536,8 @@ class Table:
                 if not len(uk):
                     return
         opt = self.optimizer if optimizer is None else optimizer
-        if not outside_lock and not self._age and type(opt) is Adagrad and not self._codec.half:
+        fusable = type(opt) is Adagrad and not opt.weight_decay  # the kernel has no weight decay term
+        if not outside_lock and not self._age and fusable and not self._codec.half:
             slots = self.tier.lookup(uk)
             if slots.min(initial=0) >= 0:  # all resident: the step in place, one kernel over the rows
                 self._store._stats["hits"] += len(uk)

@@ -93,8 +93,8 @@ class RowCodec:
         self.encode = None if not self.half else encode_float16 if dtype == "float16" else encode_bfloat16
 
     def decode(self, bits: np.ndarray) -> np.ndarray:
-        """16-bit patterns -> float32 values (exact)."""
-        return self.lut[bits]
+        """16-bit patterns -> float32 values (exact); `take` is ~2x faster than `lut[bits]`."""
+        return self.lut.take(bits)
 
     def round_nearest(self, x: np.ndarray) -> np.ndarray:
         """float32 values rounded to the dtype (nearest, ties to even), as float32; float32: `x` itself."""

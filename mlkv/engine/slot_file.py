@@ -19,6 +19,15 @@ SIGBUS, while a failed reservation is a StorageFullError raised before anything 
 fallocate reserves blocks: ext4, xfs, tmpfs; not on copy-on-write file systems such as btrfs or ZFS.) A
 mapped read past the end of the file would SIGBUS too, so an open checks the file holds every slot the
 manifest names. Thread-safety: none; the engine's lock serialises writers against readers.
+
+Memory users can see: every page of the mapping a read or write touches counts as the process's
+file-backed RSS (RssFile) until it is unmapped, so a long run of random reads over a table larger than RAM
+would show RSS growing towards the table's size although the kernel may reclaim those pages at will. The
+file therefore counts the pages its reads and writes may map (a read fault of a cached page maps its
+neighbours too: the kernel's fault-around, 64 KiB; a write fault maps one page) and, past MAPPED_WINDOW_BYTES,
+drops its mapped pages (MADV_DONTNEED; for a shared file mapping the pages, dirty ones included, stay in
+the page cache and the next access maps them again, a minor fault): its RssFile stays below about
+MAPPED_WINDOW_BYTES plus one batch.
 """
 
 from __future__ import annotations
@@ -44,6 +53,9 @@ HEADER_BYTES = 4096
 _HEADER = struct.Struct("<8sIIII")  # magic, version, row_bytes, slot_bytes, table id; CRC-32 follows
 _HEADER_V1 = struct.Struct("<8sIII")  # version 1: no table id
 _MIN_SLOTS = 1 << 12
+MAPPED_WINDOW_BYTES = 512 << 20  # RssFile one slot file may add before it unmaps its pages (header)
+_READ_MAPS = 64 << 10  # bytes one slot read may map: Linux's fault_around_bytes
+_WRITE_MAPS = mmap.PAGESIZE
 _RESERVE_STEP = 1 << 20  # reservations are rounded up to this many bytes: one fallocate per MiB of growth
 
 _C1 = hash64(np.arange(1, 4097, dtype=np.uint64))
@@ -203,6 +215,7 @@ class SlotFile:
         access = mmap.ACCESS_READ if self.readonly else mmap.ACCESS_WRITE
         self.mm = mmap.mmap(self.fd, HEADER_BYTES + self.capacity * self.slot_bytes, access=access)
         self.mm.madvise(mmap.MADV_RANDOM)
+        self._touched = 0  # bytes of pages mapped since the last unmapping (an upper bound)
         self.slots = np.frombuffer(self.mm, dtype=np.uint8, offset=HEADER_BYTES).reshape(-1, self.slot_bytes)
         self.words = self.slots.view(np.uint64)  # the same slots as uint64 words, for the kernels
 
@@ -247,7 +260,16 @@ class SlotFile:
         first, bad = _gather(self.words, keys, slots, _C1, _C2, out)
         if bad:
             self._raise_corrupt(keys, slots, first, bad)
+        self._touch(len(keys) * _READ_MAPS)
         return out.view(np.uint8)[:, : self.row_bytes]
+
+    def _touch(self, nbytes: int) -> None:
+        """Count `nbytes` more mapped; past MAPPED_WINDOW_BYTES, unmap every page (the page cache keeps
+        them; module header)."""
+        self._touched += nbytes
+        if self._touched > MAPPED_WINDOW_BYTES:
+            self._touched = 0
+            self.mm.madvise(mmap.MADV_DONTNEED)
 
     def _raise_corrupt(self, keys: np.ndarray, slots: np.ndarray, i: int, bad: int) -> None:
         stored = int(self.words[slots[i], 0])
@@ -266,6 +288,7 @@ class SlotFile:
         words[:, 0] = keys
         _set_checks(words, _C1, _C2)
         self.slots[slots] = records
+        self._touch(len(keys) * _WRITE_MAPS)
 
     def verify(self, keys: np.ndarray, slots: np.ndarray, n_slots: int) -> list[str]:
         """Check that slot slots[i] holds keys[i] with a sound checksum, for every live pair, reading the

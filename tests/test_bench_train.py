@@ -40,6 +40,7 @@ def test_bench_train_json_has_every_configuration_with_sane_fields(tmp_path, cap
         if r["config"].startswith("mlkv"):
             assert 0.0 <= r["hit_rate"] <= 1.0 and 0.0 <= r["stall_share"] <= 1.0
             assert len(r["hit_rate_steps"]) == 3 and len(r["stall_steps"]) == 3
+            assert r["lookahead_dropped"] >= 0
         elif r["config"].endswith("naive"):
             assert r["hit_rate"] is None and 0.0 < r["stall_share"] < 1.0
         else:

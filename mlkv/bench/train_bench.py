@@ -114,6 +114,7 @@ class RunResult:
     peak_rss_file: int
     cpu_ms_per_step: float | None = None  # CPU time of all the run's threads per timed step, median
     main_cpu_ms_per_step: float | None = None  # of the training thread alone
+    lookahead_dropped: int | None = None  # announced rows that found no room in the tier (mlkv), max
     repeats: list[float] = field(default_factory=list)  # samples/s of each repeat
     hit_rate_steps: list[float] = field(default_factory=list)  # per timed step, first repeat
     stall_steps: list[float] = field(default_factory=list)
@@ -448,7 +449,7 @@ def run_child(spec: dict) -> dict:
 
         def stats():
             s = store.stats()
-            return s["hits"], s["hits"] + s["misses"], s["stall_seconds"]
+            return s["hits"], s["hits"] + s["misses"], s["stall_seconds"], s["lookahead_dropped"]
 
         def stall():
             return stats()[2]
@@ -473,10 +474,11 @@ def run_child(spec: dict) -> dict:
     wall = time.perf_counter() - t0
     cpu, main_cpu = time.process_time() - cpu0, time.thread_time() - main0
     stall_s = (stall() - s0) if stall else None
-    hits = None
+    hits = dropped = None
     if stats:
         now = stats()
         hits = (now[0] - first_stats[0]) / max(1, now[1] - first_stats[1])
+        dropped = now[3] - first_stats[3]
     for f in reversed(cleanup):
         f()
     return {
@@ -485,6 +487,7 @@ def run_child(spec: dict) -> dict:
         "cpu_ms_per_step": 1e3 * cpu / cfg.steps,
         "main_cpu_ms_per_step": 1e3 * main_cpu / cfg.steps,
         "hit_rate": hits,
+        "lookahead_dropped": dropped,
         "stall_share": stall_s / wall if stall_s is not None else None,
         "peak_rss_anon": peak.anon,
         "peak_rss_file": peak.file,
@@ -608,6 +611,7 @@ def run_train_bench(cfg: TrainConfig) -> dict:
             )
             continue
         rate = statistics.median(s["samples_per_s"] for s in got)
+        stats_run = r.config.startswith("mlkv")
 
         def med(name, got=got):
             vals = [s[name] for s in got if s[name] is not None]
@@ -623,6 +627,7 @@ def run_train_bench(cfg: TrainConfig) -> dict:
                 stall_share=med("stall_share"),
                 cpu_ms_per_step=med("cpu_ms_per_step"),
                 main_cpu_ms_per_step=med("main_cpu_ms_per_step"),
+                lookahead_dropped=max((s["lookahead_dropped"] or 0) for s in got) if stats_run else None,
                 peak_rss_anon=max(s["peak_rss_anon"] for s in got),
                 peak_rss_file=max(s["peak_rss_file"] for s in got),
                 repeats=[s["samples_per_s"] for s in got],

@@ -8,7 +8,9 @@ gets a negative control: with an optimizer that drops one update in 40 it must r
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -72,21 +74,105 @@ def test_slab_file_cut_inside_its_header_is_a_corruption_error(tmp_path, size):
     assert run_check(str(path))[0] == 1
 
 
-@pytest.mark.xfail(
-    strict=False,  # where RocksDB's MANIFEST records fall depends on its version: 32 bytes may miss
-    raises=AssertionError,
-    reason="fuzz finding: a RocksDB MANIFEST cut short opens as an empty store (mlkv keeps no record of "
-    "its last checkpoint outside RocksDB)",
-)
-def test_rocksdb_manifest_cut_short_never_opens_as_an_empty_store(tmp_path):
+def _rocksdb_two_checkpoints(path, closed: bool = False) -> dict:
+    """A RocksDB store with checkpoint 1 (keys 0..49) in an SST file and checkpoint 2 (keys 50..99) in the
+    synced WAL only, copied while still open (what a kill leaves) to `path`; `closed`: copied after close
+    (which flushes checkpoint 2 into a second SST file, named by the MANIFEST's last edit). Returns
+    {key: row}."""
+    import shutil
+
+    live = path.with_name("live")
+    with mlkv.open(live, engine="rocksdb") as store:
+        t = store.table("t", dim=4)
+        t.put(np.arange(50, dtype=np.uint64), np.ones((50, 4), np.float32))
+        store.checkpoint()
+        store._engine.compact()  # checkpoint 1 in an SST file (a MANIFEST edit names it)
+        t.put(np.arange(50, 100, dtype=np.uint64), np.full((50, 4), 2, np.float32))
+        store.checkpoint()
+        if not closed:
+            shutil.copytree(live, path)
+    if closed:
+        shutil.copytree(live, path)
+    return {k: np.full(4, 1 + (k >= 50), np.float32) for k in range(100)}
+
+
+@pytest.mark.parametrize("damage", ["MANIFEST tail", "WAL tail"])
+def test_rocksdb_log_tail_lost_is_refused_before_anything_is_deleted(tmp_path, damage):
+    """Fuzz and power-loss finding (issue 8): RocksDB treats a damaged tail of its MANIFEST or WAL as the
+    end of its log and opened an older checkpoint (or an empty store) silently; a writable open then
+    deleted the SST files the lost MANIFEST edits named, and `mlkv check` said OK. Every open must raise
+    CorruptionError and delete nothing, and `mlkv check` exit 1."""
+    from mlkv.bench.fault_common import run_check
+
+    path = tmp_path / "s"
+    _rocksdb_two_checkpoints(path, closed=damage == "MANIFEST tail")
+    db = path / "rocksdb"
+    if damage == "MANIFEST tail":
+        manifest = next(db.glob("MANIFEST-*"))
+        os.truncate(manifest, manifest.stat().st_size - 32)  # the last edit: the SST of close's flush
+    else:
+        wal = max(db.glob("*.log"), key=lambda f: f.stat().st_size)
+        os.truncate(wal, wal.stat().st_size - 32)  # inside checkpoint 2's batch
+    files = {f.name: f.stat().st_size for f in db.iterdir() if f.name != "LOCK"}
+    for readonly in (True, False, False):
+        with pytest.raises(mlkv.CorruptionError, match="lost its tail") as err:
+            mlkv.open(path, engine="rocksdb", readonly=readonly).close()
+        assert err.value.file == str(db)
+        assert {f.name: f.stat().st_size for f in db.iterdir() if f.name != "LOCK"} == files
+    assert run_check(str(path))[0] == 1
+
+
+def test_rocksdb_commit_record_one_behind_opens_the_last_checkpoint(tmp_path):
+    """A crash between RocksDB's synced commit and the commit record's replacement leaves the record one
+    commit behind: the store opens with RocksDB's (newer) checkpoint, and the next checkpoint catches the
+    record up. A record that is missing while RocksDB's meta counts commits is refused."""
+    from mlkv.engine import rocksdb
+
+    path = tmp_path / "s"
+    want = _rocksdb_two_checkpoints(path)
+    record = path / "rocksdb" / rocksdb.COMMITTED
+    body = rocksdb._COMMITTED.pack(rocksdb._COMMITTED_MAGIC, 1, 1)  # checkpoint 1's record
+    record.write_bytes(body + zlib.crc32(body).to_bytes(4, "little"))
+    keys = np.arange(100, dtype=np.uint64)
+    with mlkv.open(path, engine="rocksdb") as store:
+        assert np.array_equal(store.table("t").get(keys, track=False), np.stack(list(want.values())))
+        assert store.last_checkpoint()[0] == 2
+        store.table("t").put(keys[:1], np.zeros((1, 4), np.float32))  # close checkpoints: commit 3
+    engine = rocksdb.RocksDBEngine(str(path / "rocksdb"), readonly=True)
+    assert engine._read_committed() == engine._seq == 3
+    engine.close()
+    record.unlink()
+    with pytest.raises(mlkv.CorruptionError, match="commit record is missing") as err:
+        mlkv.open(path, engine="rocksdb")
+    assert err.value.file == str(record)
+
+
+def test_rocksdb_store_written_before_the_commit_record_opens_and_gets_one(tmp_path):
+    """A database without COMMITTED whose meta record has no commit seq (written by an earlier mlkv)
+    opens with its rows; the writable open writes the record, and later commits keep it current."""
+    from rocksdict import Options, Rdict
+
+    from mlkv.engine import rocksdb
+
     path = tmp_path / "s"
     with mlkv.open(path, engine="rocksdb") as store:
         store.table("t", dim=4).put(np.arange(50, dtype=np.uint64), np.ones((50, 4), np.float32))
-        store.checkpoint()
-    manifest = next((path / "rocksdb").glob("MANIFEST-*"))
-    os.truncate(manifest, manifest.stat().st_size - 32)  # the last edit: the SST its flush at close wrote
-    with contextlib.suppress(mlkv.CorruptionError), mlkv.open(path, engine="rocksdb") as store:
-        assert store.last_checkpoint() is not None and store.tables() == ["t"], "opened as an empty store"
+    db = path / "rocksdb"
+    (db / rocksdb.COMMITTED).unlink()
+    raw = Rdict(str(db), Options(raw_mode=True))
+    state = json.loads(raw[rocksdb._META_KEY][4:-4])
+    del state["seq"]
+    raw[rocksdb._META_KEY] = rocksdb._frame(rocksdb.KIND_META, json.dumps(state).encode())
+    raw.close()
+    with mlkv.open(path, engine="rocksdb", readonly=True) as store:  # readonly: unchecked, writes nothing
+        assert store.table("t").get(np.arange(50, dtype=np.uint64), track=False).sum() == 200
+    assert not (db / rocksdb.COMMITTED).exists()
+    with mlkv.open(path, engine="rocksdb") as store:
+        assert (db / rocksdb.COMMITTED).exists()
+        store.table("t").put(np.arange(5, dtype=np.uint64), np.zeros((5, 4), np.float32))
+    with mlkv.open(path, engine="rocksdb", readonly=True) as store:
+        assert store.table("t").get(np.arange(50, dtype=np.uint64), track=False).sum() == 180
+        assert store._engine._read_committed() == store._engine._seq == 1
 
 
 def _two_tables(path, monkeypatch, shift: int) -> dict:
@@ -122,26 +208,103 @@ def _rows_read_or_corruption(path, want) -> None:
                     assert np.array_equal(got[0], row), f"table {name!r} key {k}: {got[0]}, not its row"
 
 
-_NO_TABLE_IDENTITY = (
-    "fuzz finding (issue 8): slab and index files do not record which table they belong to, so files of "
-    "two tables of one row width swapped (e.g. restored under the wrong names) are read as each other's"
-)
+def _swapped_raises_naming(path, want, files) -> None:
+    """Opening raises CorruptionError naming one of the swapped `files`, and so does a readonly open and
+    `mlkv check`; a get of any single key never returns another table's row."""
+    from mlkv.bench.fault_common import run_check
+
+    for readonly in (False, True):
+        with pytest.raises(mlkv.CorruptionError, match="table id") as err:
+            mlkv.open(path, readonly=readonly).close()
+        assert os.path.basename(err.value.file) in {f.name for f in files}, err.value
+    assert run_check(str(path))[0] == 1
+    with contextlib.suppress(mlkv.CorruptionError):
+        _rows_read_or_corruption(path, want)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_NO_TABLE_IDENTITY)
 def test_swapped_slab_files_of_two_tables_never_return_the_other_tables_rows(tmp_path, monkeypatch):
+    """Fuzz finding (issue 8): same key in the same slot of the other table's file read as its row."""
     want = _two_tables(tmp_path / "s", monkeypatch, shift=0)
-    _swap(tmp_path / "s" / "t0.slab", tmp_path / "s" / "t1.slab")
-    _rows_read_or_corruption(tmp_path / "s", want)
+    files = [tmp_path / "s" / "t0.slab", tmp_path / "s" / "t1.slab"]
+    _swap(*files)
+    _swapped_raises_naming(tmp_path / "s", want, files)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_NO_TABLE_IDENTITY)
-def test_swapped_index_snapshots_of_two_tables_never_return_wrong_rows(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["snap", "log"])
+def test_swapped_index_files_of_two_tables_never_return_wrong_rows(tmp_path, monkeypatch, kind):
+    """Fuzz finding (issue 8): a swapped snapshot gave init rows (keys missing) or the error named the log."""
     want = _two_tables(tmp_path / "s", monkeypatch, shift=50)
-    snaps = sorted((tmp_path / "s").glob("t*.snap"))
-    assert len(snaps) == 2, snaps
-    _swap(*snaps)
-    _rows_read_or_corruption(tmp_path / "s", want)
+    if kind == "log":  # a second checkpoint gives each table a log record
+        with mlkv.open(tmp_path / "s", cache_bytes="1MiB") as store:
+            for name, rows in want.items():
+                k = np.array(list(rows)[:3], dtype=np.uint64)
+                store.table(name).put(k, np.stack([rows[int(x)] for x in k]))
+    files = sorted((tmp_path / "s").glob(f"t*.{kind}"))
+    assert len(files) == 2 and all(f.stat().st_size for f in files), files
+    _swap(*files)
+    _swapped_raises_naming(tmp_path / "s", want, files)
+
+
+def _to_version_1(path) -> None:
+    """Rewrite a slab store's slab headers and index records in format version 1 (no table id)."""
+    import struct
+    import zlib
+
+    from mlkv.engine import index_log, slot_file
+    from mlkv.engine.manifest import read_manifest, write_manifest
+
+    for f in path.glob("t*.slab"):
+        with open(f, "r+b") as fh:
+            magic, _, row_bytes, slot_bytes, _ = slot_file._HEADER.unpack(fh.read(slot_file._HEADER.size))
+            body = slot_file._HEADER_V1.pack(magic, 1, row_bytes, slot_bytes)
+            fh.seek(0)
+            fh.write((body + struct.pack("<I", zlib.crc32(body))).ljust(slot_file._HEADER.size + 4, b"\0"))
+    for f in [*path.glob("t*.snap"), *path.glob("t*.log")]:
+        raw, out, off = f.read_bytes(), b"", 0
+        while off < len(raw):
+            magic, _, ckpt, n, crc, _ = index_log._REC.unpack_from(raw, off)
+            head = index_log._REC_V1.pack(magic, 1, ckpt, n, crc)
+            end = off + index_log._REC_BYTES + 16 * n
+            out += head + struct.pack("<I", zlib.crc32(head)) + raw[off + index_log._REC_BYTES : end]
+            off = end
+        f.write_bytes(out)
+    manifest = read_manifest(str(path))
+    for t in manifest["tables"].values():  # the log lengths the manifest commits shrink by 4 per record
+        log = path / f"t{t['id']}.{t['gen']}.log"
+        t["log_len"] = log.stat().st_size if log.exists() else 0
+    write_manifest(str(path), manifest)
+
+
+def test_stores_written_before_table_ids_open_and_stay_writable(tmp_path, monkeypatch):
+    """Format version 1 (no table id in slab headers and index records) opens unchecked; a checkpoint
+    appends version-2 records to its logs, and the store reopens with every row (a dict model)."""
+    path = tmp_path / "s"
+    want = _two_tables(path, monkeypatch, shift=50)
+    with mlkv.open(path, cache_bytes="1MiB") as store:  # a log record per table
+        for name, rows in want.items():
+            k = np.array(list(rows)[:5], dtype=np.uint64)
+            new = np.stack([rows[int(x)] for x in k]) + 1
+            store.table(name).put(k, new)
+            rows.update(zip(k.tolist(), new, strict=True))
+    _to_version_1(path)
+    assert int.from_bytes((path / "t0.slab").read_bytes()[8:12], "little") == 1
+    for step in range(2):
+        with mlkv.open(path, cache_bytes="1MiB") as store:
+            for name, rows in want.items():
+                keys = np.array(list(rows), dtype=np.uint64)
+                got = store.table(name).get(keys, track=False)
+                assert np.array_equal(got, np.stack(list(rows.values()))), (step, name)
+                k = keys[step * 7 : step * 7 + 7]
+                new = got[step * 7 : step * 7 + 7] * 2
+                store.table(name).put(k, new)  # mixed logs: version-1 records, then version-2 ones
+                rows.update(zip(k.tolist(), new, strict=True))
+    with mlkv.open(path, readonly=True) as store:
+        for name, rows in want.items():
+            got = store.table(name).get(np.array(list(rows), dtype=np.uint64), track=False)
+            assert np.array_equal(got, np.stack(list(rows.values())))
+    from mlkv.bench.fault_common import run_check
+
+    assert run_check(str(path))[0] == 0
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -19,6 +19,17 @@ reused, so a dropped table's rows cannot resurface under a new table. Only a dat
 not exist is created: one without RocksDB's CURRENT file raises CorruptionError (RocksDB would start an
 empty database over it and then delete the old files), and a readonly open of a missing one does too.
 
+Commit record (what RocksDB's own recovery cannot tell): M holds a commit sequence number (`seq`, one
+more per checkpoint), and after each checkpoint's synced batch the file COMMITTED in the database directory
+is replaced atomically (durable_files.replace_atomically) with that number. RocksDB recovers from a damaged
+tail of its MANIFEST or WAL by treating the damage as the end of its log: it opens an older state, or an
+empty one, exactly and silently, and a writable open then deletes the SST files the lost MANIFEST edits
+named. So an open first opens RocksDB read-only (which deletes nothing), reads M's seq, and raises
+CorruptionError if it is older than COMMITTED's; only then does a writable open run. COMMITTED is written
+after the batch, so a crash between the two leaves it one behind RocksDB (fine: RocksDB is newer), never
+ahead. A writable open of a database without COMMITTED (a new one, or one written before mlkv kept it)
+writes it before any commit; a database whose M has a seq but no COMMITTED beside it is refused.
+
 Reads do one multi-get per batch, one key per requested key: an in-memory index of the keys staged since
 the last checkpoint (KeyIndex: key -> row or tombstone) says which space holds each key's current value,
 and staged deletes need no lookup at all. Counts: committed counts live in M; the count of a table with
@@ -45,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import struct
 import threading
 import time
 import zlib
@@ -65,7 +77,7 @@ from rocksdict import (
     WriteOptions,
 )
 
-from ..durable_files import drop_from_page_cache
+from ..durable_files import drop_from_page_cache, replace_atomically
 from ..errors import (
     CorruptionError,
     InternalError,
@@ -97,6 +109,9 @@ _CHUNK = 4096  # staged entries per multi-get while counting or checkpointing
 _BLOCK_CACHE_BYTES = 64 << 20
 _STAGED_TOMBSTONE, _STAGED_ROW = 0, 1
 _ROW_HEAD = np.array([MAGIC, VERSION, KIND_ROW, 0], dtype=np.uint8)
+COMMITTED = "COMMITTED"  # the commit record's file name, in the database directory
+_COMMITTED = struct.Struct("<8sIQ")  # magic, version, commit seq; CRC-32 follows
+_COMMITTED_MAGIC = b"MLKVRCMT"
 
 
 def _frame(kind: int, payload: bytes) -> bytes:
@@ -207,17 +222,16 @@ class RocksDBEngine(Engine):
         self.readonly = readonly
         self._check_database(readonly)
         self._block_cache = Cache(_BLOCK_CACHE_BYTES)
-        access = AccessType.read_only() if readonly else AccessType.read_write()
-        try:
-            self._db: Rdict | None = Rdict(self.path, self._options(), access_type=access)
-        except Exception as exc:  # rocksdict raises a bare Exception, with RocksDB's status as message
-            # a damaged SST, MANIFEST or WAL, or a file that CURRENT or the MANIFEST names is missing
-            if "Corruption" in str(exc) or "No such file or directory" in str(exc):
-                raise CorruptionError(self.path, None, f"RocksDB open: {exc}") from exc
-            failure = _storage_failure(exc, self.path, "opening (RocksDB replays its log into a table)")
-            if failure is exc:
-                raise
-            raise failure from exc
+        recorded = self._read_committed()
+        self._db: Rdict | None = None
+        if not readonly and recorded:  # a writable open may delete files: first check read-only
+            self._db = self._open_db(readonly=True)
+            try:
+                self._load_committed()
+                self._check_committed(recorded)
+            finally:
+                self._db.close()
+        self._db = self._open_db(readonly)
         self._stage_opts = WriteOptions()
         self._stage_opts.disable_wal = True
         self._commit_opts = WriteOptions()
@@ -227,11 +241,72 @@ class RocksDBEngine(Engine):
         # so a read asks RocksDB for exactly one key per requested key; and cached counts of such tables
         self._staged: dict[int, KeyIndex] = {}
         self._count_cache: dict[int, int] = {}
-        self._load_committed()
+        try:
+            self._load_committed()
+            self._check_committed(recorded)
+        except BaseException:
+            self._db.close()
+            raise
         if not readonly:
+            if recorded is None:  # from here on every commit has its record
+                self._write_committed()
             # entries staged after the last checkpoint died with the process that wrote them
             self._db.delete_range(_STAGE, _STAGE_END, write_opt=self._stage_opts)
         self.recovery_seconds = time.perf_counter() - start
+
+    def _open_db(self, readonly: bool) -> Rdict:
+        access = AccessType.read_only() if readonly else AccessType.read_write()
+        try:
+            return Rdict(self.path, self._options(), access_type=access)
+        except Exception as exc:  # rocksdict raises a bare Exception, with RocksDB's status as message
+            # a damaged SST, MANIFEST or WAL, or a file that CURRENT or the MANIFEST names is missing
+            if "Corruption" in str(exc) or "No such file or directory" in str(exc):
+                raise CorruptionError(self.path, None, f"RocksDB open: {exc}") from exc
+            failure = _storage_failure(exc, self.path, "opening (RocksDB replays its log into a table)")
+            if failure is exc:
+                raise
+            raise failure from exc
+
+    def _read_committed(self) -> int | None:
+        """The commit seq that COMMITTED records; None where there is no such file."""
+        path = os.path.join(self.path, COMMITTED)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None
+        n = _COMMITTED.size
+        if len(raw) != n + 4 or zlib.crc32(raw[:n]) != int.from_bytes(raw[n:], "little"):
+            raise CorruptionError(path, 0, f"commit record of {len(raw)} bytes fails its CRC-32 or length")
+        magic, version, seq = _COMMITTED.unpack(raw[:n])
+        if magic != _COMMITTED_MAGIC or version != 1:
+            raise CorruptionError(path, 0, f"bad magic/version {magic!r}/{version}")
+        return seq
+
+    def _check_committed(self, recorded: int | None) -> None:
+        """CorruptionError unless RocksDB recovered the recorded commit or a later one (see the module
+        header); a database whose meta has a seq needs the record."""
+        if recorded is None and self._seq:
+            raise CorruptionError(
+                os.path.join(self.path, COMMITTED),
+                None,
+                f"the commit record is missing, but RocksDB's meta record is of commit {self._seq}; not "
+                "opened: restore the file from a backup (without it a damaged RocksDB log goes unnoticed)",
+            )
+        if recorded is not None and self._seq < recorded:
+            raise CorruptionError(
+                self.path,
+                None,
+                f"RocksDB recovered commit {self._seq}, but commit {recorded} completed ({COMMITTED}): "
+                "RocksDB's MANIFEST or write-ahead log lost its tail; not opened (a writable open would "
+                "delete the files the lost records name)",
+            )
+
+    def _write_committed(self) -> None:
+        """Replace COMMITTED with the current commit seq, durably (temp file, fsync, rename, fsync)."""
+        body = _COMMITTED.pack(_COMMITTED_MAGIC, 1, self._seq)
+        data = body + zlib.crc32(body).to_bytes(4, "little")
+        replace_atomically(os.path.join(self.path, COMMITTED), lambda f: f.write(data), size=len(data))
 
     def _check_database(self, readonly: bool) -> None:
         """Refuse a database directory that holds RocksDB data files (tables *.sst, write-ahead logs
@@ -276,6 +351,7 @@ class RocksDBEngine(Engine):
         self._committed_tables: dict[str, tuple[int, int]] = {}
         self._committed_counts: dict[int, int] = {}
         self._next_table_id = 1
+        self._seq = 0  # commits so far; 0 also for a meta record written before mlkv counted them
         if raw is not None:
             problem = _frame_problem(raw)
             if problem is None and raw[2] != KIND_META:
@@ -289,6 +365,7 @@ class RocksDBEngine(Engine):
                 )
             self._meta_json = json.dumps(state["meta"])
             self._next_table_id = state["next_table_id"]
+            self._seq = state.get("seq", 0)
             for name, (table_id, row_bytes, count) in state["tables"].items():
                 self._committed_tables[name] = (table_id, row_bytes)
                 self._committed_counts[table_id] = count
@@ -546,6 +623,7 @@ class RocksDBEngine(Engine):
                     batch.delete_range(_prefix(_DATA, table_id), _prefix(_DATA, table_id + 1))
             state = {
                 "format": FORMAT,
+                "seq": self._seq + 1,
                 "next_table_id": self._next_table_id,
                 "tables": {
                     name: [table_id, row_bytes, counts.get(table_id, 0)]
@@ -563,6 +641,7 @@ class RocksDBEngine(Engine):
                     raise
                 raise failure from exc
             crash_point("rocksdb:after_commit")
+            self._seq += 1
             self._meta_json = meta_json
             self._committed_tables = dict(self._tables)
             self._committed_counts = {
@@ -570,6 +649,9 @@ class RocksDBEngine(Engine):
             }
             self._staged.clear()
             self._count_cache.clear()
+            # after the commit: a crash before this leaves the record one behind RocksDB, never ahead. A
+            # failure here (full disk) raises with the checkpoint committed; the next one writes the record
+            self._write_committed()
 
     def _move_staged(self, batch: WriteBatch, table_id: int, row_bytes: int) -> int:
         """Add the moves of a table's staged entries into its D range to `batch`; return the count delta."""

@@ -246,6 +246,39 @@ def test_a_reopened_writer_never_reuses_slots_of_older_kept_checkpoints(tmp_path
         assert check_kept(path, models) == [2, 3, 4]
 
 
+def test_verify_checks_the_slots_of_every_kept_checkpoint(tmp_path):
+    """A flipped byte in a slot only an older kept checkpoint names (of a table since dropped, too) is found
+    by store.verify() and `mlkv check` (exit 1)."""
+    from mlkv.cli import main
+    from mlkv.engine.slot_file import slot_bytes_for
+
+    path = tmp_path / "s"
+    models: dict = {}
+    with mlkv.open(path, keep_checkpoints=3, cache_bytes=CACHE) as store:
+        run_steps(store, models, 1, 5)  # kept 3, 4, 5; table "b" (checkpoints 2-4) is dropped in 5
+        assert store.verify() == []
+        eng = store._engine
+        first = read_manifest(os.fspath(path))["history"][0]["tables"]
+        only_old = {}
+        keys, slots = eng._tables["a"]._load(first["a"])
+        only_old["a"] = (first["a"], int(slots[eng._tables["a"].index.lookup(keys) != slots][0]))
+        b = first["b"]
+        dropped = slab._SlabTable(os.fspath(path), b["id"], b["row_bytes"], b, True)
+        only_old["b"] = (first["b"], int(dropped.index.items()[1][0]))
+        dropped.file.close()
+    for name, (st, slot) in only_old.items():
+        f = path / f"t{st['id']}.slab"
+        raw = bytearray(f.read_bytes())
+        raw[4096 + slot * slot_bytes_for(st["row_bytes"]) + 16] ^= 1
+        f.write_bytes(raw)
+        with mlkv.open(path, readonly=True) as r:
+            problems = r.verify()
+        assert len(problems) == 1 and f"table {name!r}" in problems[0], problems
+        assert main(["check", str(path)]) == 1
+        raw[4096 + slot * slot_bytes_for(st["row_bytes"]) + 16] ^= 1
+        f.write_bytes(raw)
+
+
 def test_lowering_keep_prunes_at_open_and_persists(tmp_path, monkeypatch):
     """The open commits the shorter history; as no open deletes a file, the pruned checkpoints' files go
     at the next checkpoint."""

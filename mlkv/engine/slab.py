@@ -270,8 +270,16 @@ class _SlabTable:
             self.frozen[old] = False
             self.free = np.concatenate([self.free, old])
 
-    def verify(self) -> list[str]:
+    def verify(self, older: list[dict] = ()) -> list[str]:
+        """Check the slots of the index and of the `older` table states (kept checkpoints), in one
+        sequential pass: a slot that several kept checkpoints name holds the same key in all of them."""
         keys, slots = self.index.items()
+        if older:
+            pairs = [self._load(st) for st in older]
+            keys = np.concatenate([keys, *(k for k, _ in pairs)])
+            slots = np.concatenate([slots, *(s for _, s in pairs)])
+            _, first = np.unique(slots, return_index=True)
+            keys, slots = keys[first], slots[first]
         return self.file.verify(keys, slots, self.n_slots)  # one sequential pass in slot order
 
     def scan(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -520,9 +528,24 @@ class SlabEngine(Engine):
         return self._manifest["meta"]
 
     def verify(self) -> list[str]:
+        """Every slot of every kept checkpoint (an open at an older checkpoint: of that one), and of the
+        writes since the last checkpoint."""
+        older: dict[int, list[tuple[str, dict]]] = {}
+        for entry in self._manifest.get("history", []) if self._listed is None else []:
+            for name, st in entry["tables"].items():
+                older.setdefault(st["id"], []).append((name, st))
         problems = []
         for name, t in self._tables.items():
-            problems += [f"table {name!r}: {p}" for p in t.verify()]
+            states = [st for _, st in older.pop(t.tid, [])]
+            problems += [f"table {name!r}: {p}" for p in t.verify(states)]
+        for tid, states in older.items():  # tables dropped since: their last kept state, and the ones before
+            name, last = states[-1]
+            t = _SlabTable(self.path, tid, last["row_bytes"], last, True)
+            try:
+                found = t.verify([st for _, st in states[:-1]])
+            finally:
+                t.file.close()
+            problems += [f"table {name!r} (dropped, kept by an older checkpoint): {p}" for p in found]
         return problems
 
     def disk_bytes(self) -> int:

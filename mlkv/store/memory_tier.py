@@ -239,10 +239,10 @@ class MemoryTier:
             self.emb, self.state, slots, grads, np.float32(-lr), np.float32(eps), self.dirty, self.ref
         )
 
-    def set_rows(self, slots: np.ndarray, rows: np.ndarray) -> None:
-        _scatter_rows(
-            self.emb, self.state, np.ascontiguousarray(slots, dtype=np.int64), self._src(rows), rows
-        )
+    def set_rows(self, slots: np.ndarray, rows: np.ndarray, bits: np.ndarray | None = None) -> None:
+        """Store `rows` into `slots`; `bits`: their embeddings already encoded to 16 bits, if at hand."""
+        src = self._src(rows) if bits is None else bits
+        _scatter_rows(self.emb, self.state, np.ascontiguousarray(slots, dtype=np.int64), src, rows)
 
     @property
     def nbytes(self) -> int:

@@ -93,28 +93,34 @@ class RowCodec:
         self.encode = None if not self.half else encode_float16 if dtype == "float16" else encode_bfloat16
 
     def decode(self, bits: np.ndarray) -> np.ndarray:
-        """16-bit patterns -> float32 values (exact); `take` is ~2x faster than `lut[bits]`."""
+        """16-bit patterns -> float32 values (exact): a shift for bfloat16, else `lut.take` (~2x faster
+        than `lut[bits]`)."""
+        if self.dtype == "bfloat16":
+            return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
         return self.lut.take(bits)
 
     def round_nearest(self, x: np.ndarray) -> np.ndarray:
         """float32 values rounded to the dtype (nearest, ties to even), as float32; float32: `x` itself."""
         return self.decode(self.encode(x)) if self.half else x
 
-    def round_embeddings(self, rows: np.ndarray, keys: np.ndarray, step: int) -> None:
+    def round_embeddings(self, rows: np.ndarray, keys: np.ndarray, step: int) -> np.ndarray | None:
         """Round the embedding columns of float32 `rows` (n, width) in place, the one rounding of a store:
-        to nearest even, or stochastically by (seed, key, `step`, column). No-op for float32."""
+        to nearest even, or stochastically by (seed, key, `step`, column). Returns their 16-bit patterns
+        (n, dim), so that storing them needs no second encoding; float32: no-op, returns None."""
         if not self.half:
-            return
+            return None
         emb = rows[:, : self.dim]
-        if not self.stochastic:
-            emb[:] = self.decode(self.encode(emb))
-            return
-        near = self.decode(self.encode(emb))
-        x = emb.astype(np.float64)
-        other = self._neighbour(near, x > near)
-        with np.errstate(invalid="ignore"):
-            p = np.abs(x - near) / np.abs(other.astype(np.float64) - near)  # inf/nan: p is nan -> keep near
-        emb[:] = np.where(_uniform(keys, self.dim, self.seed, step) < p, other, near)
+        bits = self.encode(emb)
+        near = self.decode(bits)
+        if self.stochastic:
+            x = emb.astype(np.float64)
+            other = self._neighbour(near, x > near)
+            with np.errstate(invalid="ignore"):
+                p = np.abs(x - near) / np.abs(other.astype(np.float64) - near)  # inf/nan: nan, keep near
+            near = np.where(_uniform(keys, self.dim, self.seed, step) < p, other, near)
+            bits = self.encode(near)
+        emb[:] = near
+        return bits
 
     def _neighbour(self, near: np.ndarray, up: np.ndarray) -> np.ndarray:
         """The representable value next to `near` (exact, float32) towards +inf where `up`, else -inf."""

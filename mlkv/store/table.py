@@ -340,11 +340,11 @@ class Table:
     def _store_rows(self, keys: np.ndarray, slots: np.ndarray, rows: np.ndarray) -> None:
         """Write changed rows back: into their tier slot (dirty) or, if they have none, to the queue. The
         embeddings of a 16-bit table are rounded here, in `rows`: the one rounding of an update or put."""
-        self._codec.round_embeddings(rows, keys, self.step)
+        bits = self._codec.round_embeddings(rows, keys, self.step)
         tier = self.tier
         inside = slots >= 0
         s = slots[inside]
-        tier.set_rows(s, rows[inside])
+        tier.set_rows(s, rows[inside], None if bits is None else bits[inside])
         tier.dirty[s] = True
         tier.ref[s] = True
         if not inside.all():

@@ -285,3 +285,20 @@ def test_asynchronous_updates_round_like_synchronous_ones(tmp_path, store_factor
     assert s.stats()["async_updates"] == 4
     np.testing.assert_array_equal(got[0], got[1])
     np.testing.assert_array_equal(got[1], torch_round(got[1], "bfloat16"))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_codec_encodes_every_kind_of_float32_as_torch_does(dtype):
+    """Random float32 bit patterns (every exponent: subnormals, overflow, inf, NaN) and ties."""
+    from mlkv.store.row_codec import RowCodec
+
+    rng = np.random.default_rng(5)
+    bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+    bits[:4] = [0x7F800000, 0xFF800000, 0x7F800001, 0xFFC00000]  # +-inf, a signalling and a negative NaN
+    x = bits.view(np.float32)
+    codec = RowCodec(dtype, 1, 1)
+    got = codec.decode(codec.encode(x))
+    want = torch_round(x, dtype)
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))  # -0.0 too

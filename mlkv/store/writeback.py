@@ -35,7 +35,7 @@ ROW, DELETED = 1, 2
 class PendingOp:
     table: str
     keys: np.ndarray
-    rows: np.ndarray | None  # None: a delete
+    rows: np.ndarray | None  # None: a delete; float32 rows, or engine bytes (uint8) of a 16-bit table
     index: KeyIndex = field(init=False)
     void: bool = field(default=False, init=False)  # its table was dropped: never apply it
 

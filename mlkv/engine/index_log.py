@@ -142,8 +142,9 @@ def load(
     if snapshot:
         try:
             with open(snapshot, "rb") as f:
-                # into a writable buffer: the arrays made over it go on into the index
-                buf = memoryview(bytearray(os.fstat(f.fileno()).st_size))
+                # into a writable buffer (the arrays made over it go on into the index), not zero-filled
+                # first as a bytearray would be (2-3 s for a 1.6 GB snapshot)
+                buf = memoryview(np.empty(os.fstat(f.fileno()).st_size, dtype=np.uint8))
                 f.readinto(buf)
         except FileNotFoundError:
             raise CorruptionError(snapshot, 0, "index snapshot named by the manifest is missing") from None

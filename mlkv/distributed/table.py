@@ -78,6 +78,11 @@ class ShardedTable:
     def optimizer(self):
         return self.local.optimizer
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes one row takes on its owner (as the local Table's ``row_bytes``)."""
+        return self.local.row_bytes
+
     @optimizer.setter
     def optimizer(self, value) -> None:
         self.local.optimizer = value

@@ -158,6 +158,12 @@ class Table:
         return self._store.staleness_bound if self.staleness_bound is None else self.staleness_bound
 
     @property
+    def row_bytes(self) -> int:
+        """Bytes one row takes in the memory tier and on disk: embedding (2 or 4 bytes per weight), optimizer
+        state and, with expiry, the last-write step."""
+        return self.tier.row_bytes
+
+    @property
     def effective_staleness_bound(self) -> int:
         """The bound in force for this table: its own ``staleness_bound``, else the store's."""
         return self._bound

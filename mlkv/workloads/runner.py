@@ -168,7 +168,7 @@ def table_footprint(store: mlkv.Store, names) -> tuple[int, int]:
         t = store.table(name)
         n = len(t)
         rows += n
-        nbytes += n * t.tier.row_bytes  # as stored: 16-bit embeddings take 2 bytes per weight
+        nbytes += n * t.row_bytes  # as stored: 16-bit embeddings take 2 bytes per weight
     return rows, nbytes
 
 

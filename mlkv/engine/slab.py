@@ -286,14 +286,10 @@ class _SlabTable:
     def verify(self, older: list[dict] = ()) -> list[str]:
         """Check the slots of the index and of the `older` table states (kept checkpoints), in one
         sequential pass: a slot that several kept checkpoints name holds the same key in all of them."""
-        keys, slots = self.index.items()
-        if older:
-            pairs = [self._load(st) for st in older]
-            keys = np.concatenate([keys, *(k for k, _ in pairs)])
-            slots = np.concatenate([slots, *(s for _, s in pairs)])
-            _, first = np.unique(slots, return_index=True)
-            keys, slots = keys[first], slots[first]
-        return self.file.verify(keys, slots, self.n_slots)  # one sequential pass in slot order
+        pairs = [self._load(st) for st in older]
+        keys = np.concatenate([np.empty(0, np.uint64), *(k for k, _ in pairs)])
+        slots = np.concatenate([np.empty(0, np.int64), *(s for _, s in pairs)])
+        return self.file.verify(self.n_slots, self.index, keys, slots)  # one sequential pass in slot order
 
     def scan(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The keys live at the first batch, in file order, each read at the slot it has when its batch is

@@ -44,7 +44,7 @@ import numpy as np
 
 from ..durable_files import storage_errors
 from ..errors import CorruptionError, PathNotFoundError
-from .key_index import hash64
+from .key_index import KeyIndex, as_u64, hash64
 from .prefetch import prefetch_at
 
 MAGIC = b"MLKVSLAB"
@@ -119,11 +119,34 @@ def _gather(words, keys, slots, c1, c2, out):
 
 
 @numba.njit(nogil=True, cache=True)
-def _expected_keys(keys, slots, key_at, live):
-    """key_at[slots[i]] = keys[i] and live[slots[i]] = True: the key each live slot must hold."""
+def _expected_keys(tkeys, tvals, key_at, live):
+    """For each entry of a key index's table (tkeys, tvals: key -> slot, -1 empty) key_at[slot] = key and
+    live[slot] = True: the key each live slot must hold, in one pass over the table. Returns how many
+    entries name a slot past the end (none are marked)."""
+    past = 0
+    for p in range(tvals.shape[0]):
+        s = tvals[p]
+        if s >= key_at.shape[0]:
+            past += 1
+        elif s >= 0:
+            key_at[s] = tkeys[p]
+            live[s] = True
+    return past
+
+
+@numba.njit(nogil=True, cache=True)
+def _expected_pairs(keys, slots, key_at, live):
+    """key_at[slots[i]] = keys[i] for the slots not marked live yet (then marked); returns how many name a
+    slot past the end."""
+    past = 0
     for i in range(keys.shape[0]):
-        key_at[slots[i]] = keys[i]
-        live[slots[i]] = True
+        s = slots[i]
+        if s >= key_at.shape[0]:
+            past += 1
+        elif s >= 0 and not live[s]:
+            key_at[s] = keys[i]
+            live[s] = True
+    return past
 
 
 @numba.njit(nogil=True, cache=True)
@@ -290,15 +313,21 @@ class SlotFile:
         self.slots[slots] = records
         self._touch(len(keys) * _WRITE_MAPS)
 
-    def verify(self, keys: np.ndarray, slots: np.ndarray, n_slots: int) -> list[str]:
-        """Check that slot slots[i] holds keys[i] with a sound checksum, for every live pair, reading the
+    def verify(
+        self, n_slots: int, index: KeyIndex, keys: np.ndarray | None = None, slots: np.ndarray | None = None
+    ) -> list[str]:
+        """Check that every slot the key -> slot `index` names holds its key with a sound checksum, and so do
+        slots[i] -> keys[i] of slots the index does not name (kept checkpoints' slots), reading the
         file once in slot order: large sequential `preadv`s into two reused buffers (the next read runs
         on a helper thread while a compiled, GIL-free loop checks the current one), so it runs at about the
         device's sequential speed and maps nothing (RSS grows by the buffers and two per-slot arrays, 9
         bytes per slot). Returns one description per bad slot (the first MAX_REPORTED, then a count)."""
         key_at = np.empty(n_slots, dtype=np.uint64)
         live = np.zeros(n_slots, dtype=bool)
-        _expected_keys(np.ascontiguousarray(keys, dtype=np.uint64), np.ascontiguousarray(slots), key_at, live)
+        tkeys, tvals, _ = index.kernel_args()
+        past = _expected_keys(tkeys, tvals, key_at, live)
+        if keys is not None and len(keys):
+            past += _expected_pairs(as_u64(keys), np.ascontiguousarray(slots, dtype=np.int64), key_at, live)
         per = max(1, VERIFY_CHUNK_BYTES // self.slot_bytes)
         bufs = [np.empty((per, self.slot_bytes // 8), dtype=np.uint64) for _ in range(2)]
         bad = np.empty(MAX_REPORTED, dtype=np.int64)
@@ -319,6 +348,8 @@ class SlotFile:
                 found += bad[: min(got, MAX_REPORTED - len(found))].tolist()
                 nbad += got
         problems = [self._describe(int(s), int(key_at[s])) for s in found]
+        if past:
+            problems.append(f"{self.path}: the index names {past} slots past the {n_slots} in use")
         if nbad > len(found):
             problems.append(f"{self.path}: {nbad - len(found)} more bad slots ({nbad} in all)")
         return problems

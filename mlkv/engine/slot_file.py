@@ -170,6 +170,7 @@ def _verify_run(words, first, key_at, live, c1, c2, bad):
 
 
 VERIFY_CHUNK_BYTES = 32 << 20  # one sequential read of `verify`; two such buffers are in use at a time
+_DIRECT_ALIGN = 4096  # offset, length and buffer alignment of verify's reads (O_DIRECT needs them)
 MAX_REPORTED = 100  # bad slots described one by one by `verify`; the rest are counted
 
 
@@ -329,24 +330,31 @@ class SlotFile:
         if keys is not None and len(keys):
             past += _expected_pairs(as_u64(keys), np.ascontiguousarray(slots, dtype=np.int64), key_at, live)
         per = max(1, VERIFY_CHUNK_BYTES // self.slot_bytes)
-        bufs = [np.empty((per, self.slot_bytes // 8), dtype=np.uint64) for _ in range(2)]
+        size = -(-(per * self.slot_bytes + _DIRECT_ALIGN) // _DIRECT_ALIGN) * _DIRECT_ALIGN
+        # anonymous mappings: page-aligned, as O_DIRECT wants (unmapped once the arrays over them go)
+        bufs = [np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8) for _ in range(2)]
+        fd = self._direct_fd()
         bad = np.empty(MAX_REPORTED, dtype=np.int64)
         found: list[int] = []
         nbad = 0
         with contextlib.suppress(AttributeError, OSError):  # advice only
             os.posix_fadvise(self.fd, HEADER_BYTES, n_slots * self.slot_bytes, os.POSIX_FADV_SEQUENTIAL)
-        with ThreadPoolExecutor(1, thread_name_prefix="mlkv-verify") as reader:
-            pending = reader.submit(self._read_slots, bufs[0], 0, min(per, n_slots))
-            for k, first in enumerate(range(0, n_slots, per)):
-                n = pending.result()
-                after = first + per
-                if after < n_slots:
-                    pending = reader.submit(
-                        self._read_slots, bufs[(k + 1) % 2], after, min(per, n_slots - after)
-                    )
-                got = _verify_run(bufs[k % 2][:n], first, key_at, live, _C1, _C2, bad)
-                found += bad[: min(got, MAX_REPORTED - len(found))].tolist()
-                nbad += got
+        try:
+            with ThreadPoolExecutor(1, thread_name_prefix="mlkv-verify") as reader:
+                pending = reader.submit(self._read_slots, fd, bufs[0], 0, min(per, n_slots))
+                for k, first in enumerate(range(0, n_slots, per)):
+                    words = pending.result()
+                    after = first + per
+                    if after < n_slots:
+                        pending = reader.submit(
+                            self._read_slots, fd, bufs[(k + 1) % 2], after, min(per, n_slots - after)
+                        )
+                    got = _verify_run(words, first, key_at, live, _C1, _C2, bad)
+                    found += bad[: min(got, MAX_REPORTED - len(found))].tolist()
+                    nbad += got
+        finally:
+            if fd != self.fd:
+                os.close(fd)
         problems = [self._describe(int(s), int(key_at[s])) for s in found]
         if past:
             problems.append(f"{self.path}: the index names {past} slots past the {n_slots} in use")
@@ -354,20 +362,34 @@ class SlotFile:
             problems.append(f"{self.path}: {nbad - len(found)} more bad slots ({nbad} in all)")
         return problems
 
-    def _read_slots(self, buf: np.ndarray, first: int, n: int) -> int:
-        """Read slots [first, first + n) into buf[:n]; returns n. A file shorter than that is a
-        CorruptionError (the manifest names those slots)."""
-        view = memoryview(buf[:n].view(np.uint8).reshape(-1))
-        offset, done = self.offset_of(first), 0
+    def _read_slots(self, fd: int, buf: np.ndarray, first: int, n: int) -> np.ndarray:
+        """The records of slots [first, first + n), read into the page-aligned byte buffer `buf` with reads
+        aligned to _DIRECT_ALIGN (what an O_DIRECT `fd` needs; a buffered one takes them too). A file
+        shorter than that is a CorruptionError (the manifest names those slots)."""
+        offset = self.offset_of(first)
+        start = offset - offset % _DIRECT_ALIGN
+        need = offset + n * self.slot_bytes - start
+        view = memoryview(buf[: -(-need // _DIRECT_ALIGN) * _DIRECT_ALIGN])
+        done = 0
         with storage_errors(self.path, "reading slots to verify them"):
-            while done < len(view):
-                got = os.preadv(self.fd, [view[done:]], offset + done)
+            while done < need:
+                got = os.preadv(fd, [view[done:]], start + done)
                 if got == 0:
-                    raise CorruptionError(
-                        self.path, offset + done, f"file ends inside slot {first + done // self.slot_bytes}"
-                    )
+                    at = offset + max(0, done - (offset - start))
+                    slot = first + (at - offset) // self.slot_bytes
+                    raise CorruptionError(self.path, at, f"file ends inside slot {slot}")
                 done += got
-        return n
+        skip = offset - start
+        return buf[skip : skip + n * self.slot_bytes].view(np.uint64).reshape(n, self.slot_bytes // 8)
+
+    def _direct_fd(self) -> int:
+        """A descriptor of the file that bypasses the page cache (O_DIRECT: the device writes into the
+        buffer, no copy and no cache to evict; the kernel writes dirty cached pages of a range back before
+        reading it), or this file's own where O_DIRECT is not supported (tmpfs, some file systems)."""
+        try:
+            return os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+        except OSError:
+            return self.fd
 
     def _describe(self, slot: int, key: int) -> str:
         stored = int.from_bytes(os.pread(self.fd, 8, self.offset_of(slot)), "little")

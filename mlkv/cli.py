@@ -458,11 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
     store.set_defaults(func=cmd_bench_store)
     train = bench_sub.add_parser(
         "train",
-        help="one DLRM-like training job: torch in RAM, torch over mmap, naive RocksDB/slab, mlkv side by side",
-        description="Trains one DLRM-like workload on the same batches under each configuration (torch-memory, "
-        "torch-mmap, rocksdb-naive, slab-naive, mlkv-nolookahead, mlkv at staleness 0 and --bound) at several "
-        "memory budgets, warm and cold, each run in its own process: samples/s, ratio to torch-memory, hit "
-        "rate, stall share, peak anonymous and file-backed RSS.",
+        help="one DLRM-like training job: torch in RAM, torch over mmap, naive RocksDB/slab, mlkv side "
+        "by side",
+        description="Trains one DLRM-like workload on the same batches under each configuration "
+        "(torch-memory, torch-mmap, rocksdb-naive, slab-naive, mlkv-nolookahead, mlkv at staleness 0 and "
+        "--bound) at several memory budgets, warm and cold, each run in its own process: samples/s, ratio "
+        "to torch-memory, hit rate, stall share, peak anonymous and file-backed RSS.",
     )
     from .bench.train_bench import add_arguments as add_train_arguments
 

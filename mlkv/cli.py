@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib
 import json
 import os
 import sys
@@ -336,13 +337,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- bench ----------------------------------------------------------------------------------------------
-def cmd_bench_store(args: argparse.Namespace) -> int:
-    from .bench import store_bench
-
-    return store_bench.main(args)
-
-
+# ---- reshard ---------------------------------------------------------------------------------------------
 def cmd_reshard(args: argparse.Namespace) -> int:
     from .distributed import reshard
 
@@ -353,24 +348,6 @@ def cmd_reshard(args: argparse.Namespace) -> int:
         print(f"{out['rows']:,} rows of {len(out['tables'])} tables moved from {out['from']} to {out['to']} "
               f"shards in {args.out} (checkpoint {out['checkpoint_id']})")  # fmt: skip
     return 0
-
-
-def cmd_bench_churn(args: argparse.Namespace) -> int:
-    from .bench import churn_bench
-
-    return churn_bench.main(args)
-
-
-def cmd_bench_staleness(args: argparse.Namespace) -> int:
-    from .bench import staleness_bench
-
-    return staleness_bench.main(args)
-
-
-def cmd_bench_train(args: argparse.Namespace) -> int:
-    from .bench import train_bench
-
-    return train_bench.main(args)
 
 
 # ---- rollback -------------------------------------------------------------------------------------------
@@ -386,6 +363,47 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         for i, metadata in dropped:
             print(f"  checkpoint {i}  metadata {json.dumps(metadata)}")
     return 0
+
+
+# name: (module in mlkv.bench with add_arguments(parser) and main(args), help, description)
+_BENCHES = {
+    "store": (
+        "store_bench",
+        "batched get/update per engine vs numpy gather and memory-mapped files; look-ahead depths",
+        "Batched get/update throughput of each engine, warm and cold, beside numpy in-memory gathers (the "
+        "memory limit) and a memory-mapped flat file (the disk limit), all in one run. Cold = fsync + "
+        "POSIX_FADV_DONTNEED of the files before every timed batch. Then a training loop (lookahead K "
+        "batches ahead, get, simulated compute, update) for each depth K and trainer thread count, warm and "
+        "cold (files evicted once before the loop), as ratios to K=0 and T=1 (`--only lookahead` runs just "
+        "that part).",
+    ),
+    "train": (
+        "train_bench",
+        "one DLRM-like training job: torch in RAM, torch over mmap, naive RocksDB/slab, mlkv side by side",
+        "Trains one DLRM-like workload on the same batches under each configuration (torch-memory, "
+        "torch-mmap, rocksdb-naive, slab-naive, mlkv-nolookahead, mlkv at staleness 0 and --bound) at "
+        "several memory budgets, warm and cold, each run in its own process: samples/s, ratio to "
+        "torch-memory, hit rate, stall share, peak anonymous and file-backed RSS.",
+    ),
+    "staleness": (
+        "staleness_bench",
+        "throughput, accuracy and lag per staleness bound and trainer count (KGE, DLRM)",
+        "Train KGE (and with --dlrm the DLRM workload) at each staleness bound with 1 and 2 concurrent "
+        "trainers, all in one run: samples/s, MRR/AUC, staleness waits and the observed lag distribution, "
+        "with ratios to s=0 and one trainer.",
+    ),
+    "churn": (
+        "churn_bench",
+        "table size and accuracy with admission/expiry on an id stream that keeps growing",
+        "Train one model on a stream whose ids are born and die (plus one-off noise ids) with no "
+        "admission/expiry, admit_after=2, ttl_steps, max_rows and admission+ttl: rows stored and "
+        "progressive AUC per configuration.",
+    ),
+}
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    return importlib.import_module(f"{__package__}.bench.{_BENCHES[args.bench][0]}").main(args)
 
 
 # ---- parser and entry point -----------------------------------------------------------------------------
@@ -442,55 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks with baselines measured in the same run")
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCHMARK")
     bench.set_defaults(func=lambda _: _missing(bench))
-    store = bench_sub.add_parser(
-        "store",
-        help="batched get/update per engine vs numpy gather and memory-mapped files; look-ahead depths",
-        description="Batched get/update throughput of each engine, warm and cold, beside numpy in-memory "
-        "gathers (the memory limit) and a memory-mapped flat file (the disk limit), all in one run. "
-        "Cold = fsync + POSIX_FADV_DONTNEED of the files before every timed batch. Then a training loop "
-        "(lookahead K batches ahead, get, simulated compute, update) for each depth K and trainer thread "
-        "count, warm and cold (files evicted once before the loop), as ratios to K=0 and T=1 "
-        "(`--only lookahead` runs just that part).",
-    )
-    from .bench.store_bench import add_arguments
-
-    add_arguments(store)
-    store.set_defaults(func=cmd_bench_store)
-    train = bench_sub.add_parser(
-        "train",
-        help="one DLRM-like training job: torch in RAM, torch over mmap, naive RocksDB/slab, mlkv side "
-        "by side",
-        description="Trains one DLRM-like workload on the same batches under each configuration "
-        "(torch-memory, torch-mmap, rocksdb-naive, slab-naive, mlkv-nolookahead, mlkv at staleness 0 and "
-        "--bound) at several memory budgets, warm and cold, each run in its own process: samples/s, ratio "
-        "to torch-memory, hit rate, stall share, peak anonymous and file-backed RSS.",
-    )
-    from .bench.train_bench import add_arguments as add_train_arguments
-
-    add_train_arguments(train)
-    train.set_defaults(func=cmd_bench_train)
-    staleness = bench_sub.add_parser(
-        "staleness",
-        help="throughput, accuracy and lag per staleness bound and trainer count (KGE, DLRM)",
-        description="Train KGE (and with --dlrm the DLRM workload) at each staleness bound with 1 and 2 "
-        "concurrent trainers, all in one run: samples/s, MRR/AUC, staleness waits and the observed lag "
-        "distribution, with ratios to s=0 and one trainer.",
-    )
-    from .bench.staleness_bench import add_arguments as add_staleness_arguments
-
-    add_staleness_arguments(staleness)
-    staleness.set_defaults(func=cmd_bench_staleness)
-    churn = bench_sub.add_parser(
-        "churn",
-        help="table size and accuracy with admission/expiry on an id stream that keeps growing",
-        description="Train one model on a stream whose ids are born and die (plus one-off noise ids) with "
-        "no admission/expiry, admit_after=2, ttl_steps, max_rows and admission+ttl: rows stored and "
-        "progressive AUC per configuration.",
-    )
-    from .bench.churn_bench import add_arguments as add_churn_arguments
-
-    add_churn_arguments(churn)
-    churn.set_defaults(func=cmd_bench_churn)
+    for name, (module, help_, description) in _BENCHES.items():
+        one = bench_sub.add_parser(name, help=help_, description=description)
+        importlib.import_module(f"{__package__}.bench.{module}").add_arguments(one)
+        one.set_defaults(func=_run_bench)
 
     reshard = sub.add_parser(
         "reshard",

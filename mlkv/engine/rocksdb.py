@@ -39,16 +39,6 @@ than paying a read on every write to learn whether a key is new.
 Value framing: header (magic, version, kind, 0), payload, then the CRC-32 of header + payload, little-endian.
 A CRC-32 run over a message followed by its own CRC is the constant 0x2144DF1C, so a value is checked with
 one zlib.crc32 call and no slicing.
-
-Reads do one multi-get per batch, one key per requested key: an in-memory index of the keys staged since
-the last checkpoint (KeyIndex: key -> row or tombstone) says which space holds each key's current value,
-and staged deletes need no lookup at all. Counts: committed counts live in M; the count of a table with
-staged entries is derived from its staging range on demand (cached until the next write to it), rather
-than paying a read on every write to learn whether a key is new.
-
-Value framing: header (magic, version, kind, 0), payload, then the CRC-32 of header + payload, little-endian.
-A CRC-32 run over a message followed by its own CRC is the constant 0x2144DF1C, so a value is checked with
-one zlib.crc32 call and no slicing.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from ..durable_files import replace_atomically
 from ..engine import ENGINES, open_engine
 from ..engine.base import check_keep
 from ..engine.manifest import table_files
+from ..engine.process_memory import process_memory
 from ..errors import (
     CorruptionError,
     InvalidArgumentError,
@@ -90,22 +91,6 @@ def _lifetime_options(admit_after, ttl_steps, max_rows, expire_on_checkpoint) ->
             raise InvalidTypeError(f"expire_on_checkpoint must be a bool, got {expire_on_checkpoint!r}")
         out["expire_on_checkpoint"] = expire_on_checkpoint
     return out
-
-
-def process_memory() -> tuple[int | None, int | None]:
-    """(anonymous, file-backed) resident bytes of this whole process: RssAnon and RssFile + RssShmem of
-    /proc/self/status (None, None where there is no such file). Anonymous memory holds the memory tiers,
-    the key indexes and everything else the process allocates; file-backed memory is mapped file pages
-    (the slab files' pages read or written through their mapping, and shared libraries)."""
-    try:
-        with open("/proc/self/status") as f:
-            found = {k: int(v.split()[0]) * 1024 for k, _, v in (line.partition(":") for line in f)
-                     if k in ("RssAnon", "RssFile", "RssShmem")}  # fmt: skip
-    except (OSError, ValueError):
-        return None, None
-    if "RssAnon" not in found:
-        return None, None
-    return found["RssAnon"], found.get("RssFile", 0) + found.get("RssShmem", 0)
 
 
 def _check_marker(path: str, engine: str, create: bool) -> None:

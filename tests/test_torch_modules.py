@@ -762,3 +762,34 @@ def test_scale_grad_by_freq_matches_torch(store, cls, kw):
 def test_scale_grad_by_freq_is_refused_in_max_mode(store):
     with pytest.raises(ValueError, match=r"scale_grad_by_freq.*mode='max'"):
         EmbeddingBag(sgd_table(store), mode="max", scale_grad_by_freq=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # float64: the index_add_ path (as on GPU)
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("last", [False, True])
+def test_bag_gradient_scatter_equals_torchs_embedding_bag_backward(dtype, weighted, last):
+    """The one-pass gradient scatter behind EmbeddingBag(mode="sum") and Embedding, on both of its paths,
+    against torch's own backward: bags of varied sizes, empty ones included, per_sample_weights or not."""
+    from mlkv.torch.modules import _bag_grad
+
+    rng = np.random.default_rng(3)
+    rows, dim = 40, 5
+    sizes = rng.integers(0, 6, 30)
+    sizes[[0, 7]] = 0
+    n = int(sizes.sum())
+    flat = torch.from_numpy(rng.integers(0, rows, n))
+    offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(sizes)[:-1]]))
+    if last:
+        offsets = torch.cat([offsets, torch.tensor([n])])
+    psw = torch.from_numpy(rng.standard_normal(n)).to(dtype) if weighted else None
+    w = torch.randn(rows, dim, dtype=dtype, requires_grad=True)
+    out = torch.nn.functional.embedding_bag(
+        flat, w, offsets, mode="sum", per_sample_weights=psw, include_last_offset=last
+    )
+    g = torch.randn_like(out)
+    out.backward(g)
+    starts = offsets[:-1] if last else offsets
+    ends = offsets[1:] if last else torch.cat([offsets[1:], torch.tensor([n])])
+    got = _bag_grad(rows, flat, starts, ends, g, psw)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, w.grad, rtol=1e-6, atol=1e-6)

@@ -4,8 +4,8 @@ A forward deduplicates its keys, reads the distinct rows with ONE `table.get`, m
 `W` (distinct keys, dim) and runs `torch.nn.functional.embedding` / `embedding_bag` on the remapped indices,
 so outputs are torch's own (`max_norm`, `scale_grad_by_freq`, `per_sample_weights` included). Gradients are
 torch's too; in the common cases (no `max_norm` or `scale_grad_by_freq`; mode "sum" for bags) `W.grad` is
-one `index_add_` of the output gradients instead of torch's sort-based dense backward: the same sums, up to
-the order in which a key's occurrences are added.
+one GIL-free scatter of the output gradients (a numba kernel; `index_add_` off the CPU) instead of torch's
+sort-based dense backward: the same sums, up to the order in which a key's occurrences are added.
 The module then hands (table, keys, W) to its SparseOptimizer, whose `step()` turns `W.grad` into one
 `table.update` per table. Input keys are int64 tensors; a hashed id of 2**63 or more is passed as its
 two's-complement int64, which is how the table reads int64 keys.
@@ -37,6 +37,7 @@ import warnings
 import weakref
 from typing import TYPE_CHECKING, Any
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own spelling
@@ -73,31 +74,71 @@ def _dedup(flat: Tensor) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(uk.view(np.int64)).to(flat.device), torch.from_numpy(inv).to(flat.device)
 
 
+@numba.njit(nogil=True, cache=True)
+def _scatter_bags(idx, starts, ends, grad_out, psw, out):
+    """out[idx[j]] += grad_out[b] (* psw[j]) for each position j of each bag b (positions starts[b] to
+    ends[b]), in order of j: the sums index_add_ makes, in one GIL-free pass without its temporaries."""
+    weighted = psw.shape[0] > 0
+    for b in range(starts.shape[0]):
+        for j in range(starts[b], ends[b]):
+            i = idx[j]
+            if weighted:
+                w = psw[j]
+                for d in range(out.shape[1]):
+                    out[i, d] += grad_out[b, d] * w
+            else:
+                for d in range(out.shape[1]):
+                    out[i, d] += grad_out[b, d]
+
+
+_NO_WEIGHTS = np.empty(0, dtype=np.float32)
+
+
+def _bag_grad(rows: int, flat: Tensor, starts: Tensor, ends: Tensor, grad_out: Tensor, psw: Tensor | None):
+    """Gradient of W (rows, dim) for bags of remapped indices `flat` (bag b: flat[starts[b]:ends[b]])
+    whose outputs got `grad_out`: the numba kernel on the CPU, index_add_ elsewhere (same sums)."""
+    if grad_out.device.type == "cpu" and grad_out.dtype == torch.float32:
+        out = np.zeros((rows, grad_out.shape[1]), dtype=np.float32)
+        weights = _NO_WEIGHTS if psw is None else psw.detach().to(torch.float32).reshape(-1).numpy()
+        _scatter_bags(flat.numpy(), starts.numpy(), ends.numpy(), grad_out.contiguous().numpy(), weights, out)
+        return torch.from_numpy(out)
+    bag = torch.arange(len(starts), device=flat.device).repeat_interleave(ends - starts)
+    used = len(bag)  # bags are consecutive from position 0 (offsets[0] == 0, non-decreasing)
+    g = grad_out.index_select(0, bag)
+    if psw is not None:
+        g = g * psw.reshape(-1)[:used].unsqueeze(1)
+    return grad_out.new_zeros(rows, grad_out.shape[1]).index_add_(0, flat[:used], g)
+
+
 class _Lookup(torch.autograd.Function):
-    """``embedding(idx, W)`` whose backward is one ``index_add_`` into W's rows instead of torch's dense
-    embedding backward, which sorts the indices on every call (3x slower for a batch of 4096 ids on
-    CPU). Used without max_norm and scale_grad_by_freq; the output is torch's own forward."""
+    """``embedding(idx, W)`` whose backward scatters the output gradients into W's rows in one pass
+    (`_bag_grad`, bags of one) instead of torch's dense embedding backward, which sorts the indices on
+    every call (3x slower for a batch of 4096 ids on CPU). Used without max_norm and scale_grad_by_freq;
+    the output is torch's own forward."""
 
     @staticmethod
     def forward(ctx, weight, idx, pad):
         ctx.save_for_backward(idx)
-        ctx.rows = weight.shape[0]
+        ctx.rows, ctx.dim = weight.shape
         return F.embedding(idx, weight, padding_idx=pad)
 
     @staticmethod
     def backward(ctx, grad_out):
         (idx,) = ctx.saved_tensors
-        grad = grad_out.new_zeros(ctx.rows, grad_out.shape[-1])
-        return grad.index_add_(0, idx.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1])), None, None
+        flat = idx.reshape(-1)
+        starts = torch.arange(len(flat), device=flat.device)
+        grad = _bag_grad(ctx.rows, flat, starts, starts + 1, grad_out.reshape(len(flat), ctx.dim), None)
+        return grad, None, None
 
 
 class _BagSum(torch.autograd.Function):
-    """``embedding_bag(mode="sum")`` of rows W whose backward is one ``index_add_`` of the bags' gradients
-    into W's rows. torch's dense embedding_bag backward sorts the indices on every call (~0.6 ms for 4096
-    ids on CPU, 4x the forward); the remapped indices here address a small leaf W, so a scatter is all
-    the gradient needs. Used for mode "sum" without max_norm, scale_grad_by_freq or a per_sample_weights
-    that needs a gradient; the output is torch's own forward. A padding row (the last row of W, all zeros)
-    gets a gradient here that torch would leave zero; W's padding row is not a table row and is dropped."""
+    """``embedding_bag(mode="sum")`` of rows W whose backward scatters the bags' gradients into W's rows
+    in one pass (`_bag_grad`). torch's dense embedding_bag backward sorts the indices on every call
+    (~0.6 ms for 4096 ids on CPU, 4x the forward); the remapped indices here address a small leaf W, so a
+    scatter is all the gradient needs. Used for mode "sum" without max_norm, scale_grad_by_freq or a
+    per_sample_weights that needs a gradient; the output is torch's own forward. A padding row (the last
+    row of W, all zeros) gets a gradient here that torch would leave zero; W's padding row is not a table
+    row and is dropped."""
 
     @staticmethod
     def forward(ctx, weight, idx, offsets, psw, pad, include_last_offset):
@@ -118,18 +159,14 @@ class _BagSum(torch.autograd.Function):
     def backward(ctx, grad_out):
         idx, offsets, psw = ctx.saved_tensors
         flat = idx.reshape(-1)
-        if offsets is None:  # 2-D input: bag i is row i
-            bag = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(idx.shape[1])
+        if offsets is None:  # 2-D input (B, L): bag b is row b
+            starts = torch.arange(0, len(flat), max(idx.shape[1], 1), device=flat.device)[: idx.shape[0]]
+            ends = starts + idx.shape[1]
         else:
+            starts = offsets[:-1] if ctx.last else offsets
             ends = offsets[1:] if ctx.last else torch.cat([offsets[1:], offsets.new_tensor([len(flat)])])
-            counts = (ends - offsets[: len(ends)]).clamp_(min=0)
-            bag = torch.arange(len(counts), device=idx.device).repeat_interleave(counts)
-            flat = flat[: len(bag)]
-        rows = grad_out.index_select(0, bag)
-        if psw is not None:
-            rows = rows * psw.reshape(-1)[: len(bag)].unsqueeze(1)
-        grad = grad_out.new_zeros(ctx.rows, grad_out.shape[1])
-        return grad.index_add_(0, flat, rows), None, None, None, None, None
+        grad = _bag_grad(ctx.rows, flat, starts, torch.maximum(ends, starts), grad_out, psw)
+        return grad, None, None, None, None, None
 
 
 def table_store(table) -> Any:

@@ -5,6 +5,7 @@ and passes a sound file."""
 from __future__ import annotations
 
 import json
+import mmap
 import os
 
 import numpy as np
@@ -15,6 +16,7 @@ from mlkv.cli import main
 from mlkv.engine import index_log, slab, slot_file
 from mlkv.engine.key_index import KeyIndex
 from mlkv.engine.manifest import read_manifest, write_manifest
+from mlkv.engine.process_memory import process_memory
 from mlkv.engine.slot_file import HEADER_BYTES, slot_bytes_for
 
 DIM = 4
@@ -242,6 +244,35 @@ def test_slot_file_unmaps_its_pages_past_the_window_and_keeps_every_byte(tmp_pat
         assert _read_all_randomly(f, keys, rows) > 20 << 20  # the oracle: every page stays mapped
     finally:
         f.close()
+
+
+def test_slot_file_keeps_its_pages_mapped_while_the_rss_they_add_is_below_the_window(tmp_path, monkeypatch):
+    """The 64 KiB-a-read count passes the window long before hot rows really map that much: the file must
+    not unmap on the count alone, or every read of the hot rows faults again (minor faults counted). The
+    old count-only rule dropped this 64 MiB mapping every 4 batches: 25 drops x 64 faults."""
+    import resource
+
+    n, path = 256_000, str(tmp_path / "t.slab")
+    keys = np.arange(n, dtype=np.uint64) * 7919
+    rows = np.random.default_rng(5).integers(0, 256, (n, 256), dtype=np.uint8)
+    monkeypatch.setattr(slot_file, "MAPPED_WINDOW_BYTES", 16 << 20)
+    f = slot_file.SlotFile(path, 256, table_id=0)
+    try:
+        f.ensure_capacity(n)
+        for i in range(0, n, 8000):
+            f.write(keys[i : i + 8000], np.arange(i, i + 8000), rows[i : i + 8000])
+        f.sync()
+        f.mm.madvise(mmap.MADV_DONTNEED)  # start from nothing mapped
+        f._mapped_base = process_memory()[1]
+        hot = np.arange(0, n, n // 64)[:64]  # 64 rows on 64 different pages: ~4 MiB mapped with fault-around
+        assert np.array_equal(f.read(keys[hot], hot), rows[hot])
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(100):  # the count passes the 16 MiB window every 4 batches
+            assert np.array_equal(f.read(keys[hot], hot), rows[hot])
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    finally:
+        f.close()
+    assert faults < 400, f"{faults} minor faults re-reading 64 resident rows 100 times"
 
 
 def test_slot_file_write_of_a_big_batch_copies_in_bounded_steps(tmp_path):

@@ -568,8 +568,9 @@ def run_train_bench(cfg: TrainConfig) -> dict:
         samples: dict[int, list[dict]] = {i: [] for i in range(len(runs))}
         skipped: dict[int, str] = {}
         if cfg.memory_limit:
-            for i, r in enumerate(runs):
-                if r.config == "torch-memory" and table_bytes(cfg) > 0.8 * cfg.memory_limit:
+            for i, r in enumerate(runs):  # in-memory runs that cannot fit: the cgroup would kill them
+                in_memory = r.config == "torch-memory" or (r.config == "mlkv" and r.budget == "all")
+                if in_memory and table_bytes(cfg) > 0.8 * cfg.memory_limit:
                     skipped[i] = "the table does not fit in the memory limit"
         for rep in range(cfg.repeats):
             order = list(range(len(runs)))

@@ -211,3 +211,15 @@ def test_resident_memory_follows_the_budget_not_the_table(tmp_path, store_factor
     allowance = cache + 128 * n + 32 * MiB
     assert peak <= allowance, f"anonymous RSS grew {peak / MiB:.1f} MiB, allowed {allowance / MiB:.1f} MiB"
     assert len(t) == n
+
+
+def test_a_table_whose_fair_share_is_under_one_row_still_gets_a_row(tmp_path, store_factory):
+    """Three tables of 400-byte rows in a 1000-byte budget: the share (333 bytes) is under a row, but the
+    budget holds two rows, so the first table does not keep both."""
+    s = store_factory("slab", tmp_path / "s", cache_bytes=1000)
+    tables = [s.table(name, dim=50, optimizer=Adagrad(lr=0.1)) for name in "abc"]  # 50 x 2 x 4 bytes
+    assert tables[0].row_bytes == 400
+    for t in tables[:2]:
+        t.get(np.arange(5), track=False)
+    assert [t.tier.capacity for t in tables[:2]] == [1, 1]
+    assert s.stats()["memory_tier_bytes"] <= 1000

@@ -793,3 +793,29 @@ def test_bag_gradient_scatter_equals_torchs_embedding_bag_backward(dtype, weight
     got = _bag_grad(rows, flat, starts, ends, g, psw)
     assert got.dtype == dtype
     torch.testing.assert_close(got, w.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_double_backward_through_the_row_gradient_matches_torch():
+    """create_graph=True (a gradient penalty): the rows' gradient is itself differentiable, as with torch's
+    own embedding backward (torch's embedding_bag has no double backward; its oracle here is embedding
+    summed over the bag)."""
+    from mlkv.torch.modules import _BagSum, _Lookup
+
+    rng = np.random.default_rng(4)
+    idx = torch.from_numpy(rng.integers(0, 6, (5, 3)))
+    w0 = torch.randn(6, 4, dtype=torch.float32)
+    cases = [
+        (lambda w: _Lookup.apply(w, idx, None), lambda w: torch.nn.functional.embedding(idx, w)),
+        (
+            lambda w: _BagSum.apply(w, idx, None, None, None, False),
+            lambda w: torch.nn.functional.embedding(idx, w).sum(1),
+        ),
+    ]
+    for ours, theirs in cases:
+        grads = []
+        for f in (ours, theirs):
+            w = w0.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(f(w).pow(3).sum(), w, create_graph=True)
+            g.pow(2).sum().backward()
+            grads.append(w.grad)
+        torch.testing.assert_close(grads[0], grads[1])

@@ -246,7 +246,7 @@ class SlotFile:
         self.mm = mmap.mmap(self.fd, HEADER_BYTES + self.capacity * self.slot_bytes, access=access)
         self.mm.madvise(mmap.MADV_RANDOM)
         self._touched = 0  # bytes of pages mapped since the last unmapping (an upper bound)
-        self._mapped_base = process_memory()[1] or 0  # the process's RssFile at the last unmapping
+        self._mapped_base = process_memory()[1] or 0  # the process's RssFile after the last unmapping
         self.slots = np.frombuffer(self.mm, dtype=np.uint8, offset=HEADER_BYTES).reshape(-1, self.slot_bytes)
         self.words = self.slots.view(np.uint64)  # the same slots as uint64 words, for the kernels
 
@@ -303,8 +303,9 @@ class SlotFile:
             mapped = process_memory()[1]
             if mapped is None or mapped - self._mapped_base > MAPPED_WINDOW_BYTES:
                 self.mm.madvise(mmap.MADV_DONTNEED)
-                mapped = process_memory()[1]
-            if mapped is not None:
+                after = process_memory()[1]  # what the rest of the process maps (other files, libraries)
+                self._mapped_base = after if after is not None else 0
+            else:  # others unmapped meanwhile: measure from the lower level
                 self._mapped_base = min(self._mapped_base, mapped)
 
     def _raise_corrupt(self, keys: np.ndarray, slots: np.ndarray, i: int, bad: int) -> None:

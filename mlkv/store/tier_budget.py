@@ -47,8 +47,9 @@ class TierBudget:
         return max(self.cache_bytes - self.used_bytes, 0) // tier.row_bytes
 
     def _fair_rows(self, tier: MemoryTier) -> int:
-        """The tier's fair share of the budget, in whole rows."""
-        return self.cache_bytes // max(len(self.owners), 1) // tier.row_bytes
+        """The tier's fair share of the budget, in whole rows; at least one, so that a table whose share
+        is smaller than a row still gets a row while the budget can hold one."""
+        return max(self.cache_bytes // max(len(self.owners), 1) // tier.row_bytes, 1)
 
     def settled(self, owner: TierOwner) -> bool:
         """True when `grow` could not give `owner` a row: the budget is full and the tier holds at least its

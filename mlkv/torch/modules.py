@@ -96,8 +96,9 @@ _NO_WEIGHTS = np.empty(0, dtype=np.float32)
 
 def _bag_grad(rows: int, flat: Tensor, starts: Tensor, ends: Tensor, grad_out: Tensor, psw: Tensor | None):
     """Gradient of W (rows, dim) for bags of remapped indices `flat` (bag b: flat[starts[b]:ends[b]])
-    whose outputs got `grad_out`: the numba kernel on the CPU, index_add_ elsewhere (same sums)."""
-    if grad_out.device.type == "cpu" and grad_out.dtype == torch.float32:
+    whose outputs got `grad_out`: the numba kernel on the CPU, index_add_ elsewhere (same sums) and under
+    ``create_graph=True`` (a double backward differentiates these torch ops)."""
+    if grad_out.device.type == "cpu" and grad_out.dtype == torch.float32 and not grad_out.requires_grad:
         out = np.zeros((rows, grad_out.shape[1]), dtype=np.float32)
         weights = _NO_WEIGHTS if psw is None else psw.detach().to(torch.float32).reshape(-1).numpy()
         _scatter_bags(flat.numpy(), starts.numpy(), ends.numpy(), grad_out.contiguous().numpy(), weights, out)

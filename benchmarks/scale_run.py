@@ -35,6 +35,7 @@ import numpy as np
 import mlkv
 from mlkv.durable_files import drop_from_page_cache
 from mlkv.engine.key_index import hash64
+from mlkv.engine.process_memory import process_memory
 
 CHUNK = 8 << 20
 
@@ -61,13 +62,8 @@ class RssSampler:
 
     @staticmethod
     def read() -> dict[str, int]:
-        out = {}
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
-                    name, value, _ = line.split()
-                    out[name[:-1]] = int(value) * 1024
-        return {"anon": out.get("RssAnon", 0), "file": out.get("RssFile", 0) + out.get("RssShmem", 0)}
+        anon, file = process_memory()
+        return {"anon": anon or 0, "file": file or 0}
 
     def sample(self) -> None:
         now = self.read()

@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..engine.key_index import hash64
+from ..engine.process_memory import process_memory
 from ..errors import InvalidArgumentError, MlkvError
 from ..store.sizes import parse_bytes
 from .timing import evict_files, warm_files
@@ -237,24 +238,14 @@ def _rocks_options():
 
 
 # ---- one run (child process) ------------------------------------------------------------------------
-def _proc_status() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
-                name, value, _ = line.split()
-                out[name[:-1]] = int(value) * 1024
-    return out
-
-
 class _Peak:
     def __init__(self):
         self.anon = self.file = 0
 
     def sample(self) -> None:
-        s = _proc_status()
-        self.anon = max(self.anon, s.get("RssAnon", 0))
-        self.file = max(self.file, s.get("RssFile", 0) + s.get("RssShmem", 0))
+        anon, file = process_memory()
+        self.anon = max(self.anon, anon or 0)
+        self.file = max(self.file, file or 0)
 
 
 def _mlp(dim: int):

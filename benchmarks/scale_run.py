@@ -11,6 +11,9 @@ Phases, each timed, in one process (the CLI commands as subprocesses, as a user 
   checkpoint  the first checkpoint after the load: slot files fsynced, the index snapshot written
   reopen      close, evict every file of the store from the page cache (fsync + POSIX_FADV_DONTNEED),
               `mlkv.open` again: recovery is reading the index snapshot and building the key index
+  cold get    after the reopen, files evicted: `get` of --cold-keys random known keys (4,096 a call)
+              against the device's random 4 KiB read rate at the same depth (O_DIRECT, probed before and
+              after; mlkv.bench.device_rate)
   info        `python -m mlkv info --json PATH` (answers from the MANIFEST)
   check       `python -m mlkv check --json PATH`, cold; its verify part in MB/s of slots, next to a
               dd-style sequential read (8 MiB preadv) of the same slab file, cold
@@ -33,9 +36,11 @@ import time
 import numpy as np
 
 import mlkv
+from mlkv.bench.device_rate import misses_against_device
 from mlkv.durable_files import drop_from_page_cache
 from mlkv.engine.key_index import hash64
 from mlkv.engine.process_memory import process_memory
+from mlkv.engine.slot_file import FAULT_THREADS
 
 CHUNK = 8 << 20
 
@@ -120,6 +125,27 @@ def run_cli(*argv: str) -> tuple[float, dict]:
     return dt, json.loads(done.stdout)
 
 
+def cold_get(store, args) -> dict:
+    """`get` of --cold-keys random known keys, files evicted, between two probes of the device's random-read
+    rate at the slab's fault-thread depth (mlkv.bench.device_rate)."""
+    table = store.table("emb")
+    slab = store._engine._tables["emb"].file  # a benchmark may look inside: the slot file
+    ids = np.random.default_rng(3).choice(args.rows, min(args.cold_keys, args.rows), replace=False)
+    keys = hash64(ids.astype(np.uint64))
+    table.get(hash64(np.arange(256, dtype=np.uint64)), track=False)  # untimed: kernels, fault threads
+
+    def read() -> int:
+        for lo in range(0, len(keys), 4096):
+            table.get(keys[lo : lo + 4096], track=False)
+        return len(keys)
+
+    def evict() -> None:
+        slab.drop_page_cache()
+        drop_from_page_cache(store_files(args.path))
+
+    return misses_against_device(read, slab.path, evict, FAULT_THREADS)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=100_000_000)
@@ -130,6 +156,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300, help="training steps")
     ap.add_argument("--step-ids", type=int, default=32768, help="ids per training step (before dedup)")
     ap.add_argument("--zipf", type=float, default=1.1)
+    ap.add_argument("--cold-keys", type=int, default=50_000, help="random known keys the cold get reads")
     ap.add_argument("--keep", action="store_true", help="keep the store afterwards")
     args = ap.parse_args()
     if os.path.exists(args.path):
@@ -203,10 +230,16 @@ def main() -> None:
         fig["reopen_seconds"] = time.perf_counter() - t0
         fig["recovery_seconds"] = store.stats()["recovery_seconds"]
         assert len(store.table("emb")) == args.rows, "reopened store lost rows"
-        store.close(checkpoint=False)
-        del store
         recovery = f"engine recovery {fig['recovery_seconds']:.2f} s"
         print(f"reopen (cold): {fig['reopen_seconds']:.2f} s ({recovery})", flush=True)
+        rss.enter("cold get")
+        cold = cold_get(store, args)
+        fig["cold_get"] = cold
+        print(f"cold get: {cold['rows']:,} random known keys {cold['rows_per_s'] / 1e3:.1f} K rows/s vs the "
+              f"device's random 4 KiB reads at depth {cold['depth']} {cold['device_reads_per_s'] / 1e3:.1f} "
+              f"K/s: {cold['ratio_device']:.2f}x", flush=True)  # fmt: skip
+        store.close(checkpoint=False)
+        del store
         rss.enter("cli")
 
         fig["info_seconds"], info = run_cli("info", "--json", args.path)

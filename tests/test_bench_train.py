@@ -17,7 +17,7 @@ TINY = ["--rows", "3000", "--dim", "8", "--batch", "64", "--bag", "4", "--steps"
 
 
 @pytest.mark.slow
-def test_bench_train_json_has_every_configuration_with_sane_fields(tmp_path, capsys):
+def test_bench_train_json_has_every_configuration_and_the_cold_read_probe_with_sane_fields(tmp_path, capsys):
     args = ["bench", "train", *TINY, "--budgets", "0.1", "--regimes", "cold", "--path", str(tmp_path)]
     assert main([*args, "--json", "--no-progress"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
@@ -47,6 +47,11 @@ def test_bench_train_json_has_every_configuration_with_sane_fields(tmp_path, cap
             assert r["hit_rate"] is None and r["stall_share"] is None
     cached = next(r for r in results if r["budget"] == "all")
     assert cached["hit_rate"] == 1.0  # the whole table was read into the tier before the timed steps
+    cold = report["cold_reads"]  # the cold regime measures misses against the device in the same run
+    assert cold["rows"] == 3000 and 0 < cold["distinct_pages"] <= 3000
+    assert cold["rows_per_s"] > 0 and cold["device_reads_per_s"] > 0 and cold["depth"] >= 1
+    assert cold["ratio_device"] == pytest.approx(cold["rows_per_s"] / cold["device_reads_per_s"])
+    assert "cold reads:" in text and "x the device" in text
     # the tmp stores are removed at the end
     assert list(tmp_path.iterdir()) == []
 

@@ -311,3 +311,57 @@ def test_slot_file_write_of_a_big_batch_copies_in_bounded_steps(tmp_path):
         assert np.array_equal(f.read(keys, slots), rows)
     finally:
         f.close()
+
+
+def _filled_slot_file(path: str, n: int, width: int = 64, seed: int = 7):
+    keys = np.arange(n, dtype=np.uint64) * 104729 + 3
+    rows = np.random.default_rng(seed).integers(0, 256, (n, width), dtype=np.uint8)
+    f = slot_file.SlotFile(path, width, table_id=0)
+    f.ensure_capacity(n)
+    f.write(keys, np.arange(n), rows)
+    return f, keys, rows
+
+
+@pytest.mark.parametrize("from_device", [False, True])
+def test_slot_file_read_spreads_over_fault_threads_only_when_its_probe_is_slow(
+    tmp_path, monkeypatch, from_device
+):
+    """A large read whose first rows came slowly (device reads; here forced by the threshold) gathers the
+    rest on the fault threads, in parts; one served from the page cache stays on the calling thread. Either
+    way every row, and the zeros of a missing slot, come back as a single gather returns them."""
+    f, keys, rows = _filled_slot_file(str(tmp_path / "t.slab"), 20_000)
+    calls = []
+    real_pool = slot_file._fault_pool
+
+    def spy():
+        calls.append(1)
+        return real_pool()
+
+    monkeypatch.setattr(slot_file, "_fault_pool", spy)
+    monkeypatch.setattr(slot_file, "_COLD_NS", 0 if from_device else 10**12)
+    try:
+        pick = np.random.default_rng(8).choice(len(keys), 5000, replace=False)
+        slots = pick.astype(np.int64)
+        slots[[3, 700, 4999]] = -1
+        got = f.read(keys[pick], slots)
+        want = rows[pick].copy()
+        want[[3, 700, 4999]] = 0
+        assert np.array_equal(got, want)
+        assert len(calls) == (1 if from_device else 0)
+    finally:
+        f.close()
+
+
+def test_slot_file_read_on_fault_threads_names_the_first_bad_row_and_counts_them_all(tmp_path, monkeypatch):
+    """Damaged slots in different parts of a parallel read: the error names the first one in read order and
+    counts every one, as the single-threaded gather does."""
+    f, keys, _ = _filled_slot_file(str(tmp_path / "t.slab"), 4000)
+    monkeypatch.setattr(slot_file, "_COLD_NS", 0)
+    try:
+        order = np.random.default_rng(9).permutation(len(keys))
+        for i in (3000, 1200, 3999):  # read positions, each in a different fault thread's part
+            f.slots[order[i], 20] ^= 0x10
+        with pytest.raises(mlkv.errors.CorruptionError, match=rf"key {int(keys[order[1200]])} \(3 bad\)"):
+            f.read(keys[order], order.astype(np.int64))
+    finally:
+        f.close()

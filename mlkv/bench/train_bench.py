@@ -22,6 +22,10 @@ fsync + POSIX_FADV_DONTNEED, no warm-up). Each run is a separate process, so its
 anonymous (RssAnon) and file-backed (RssFile, the pages of mapped files), is its own; with `--repeats`
 the runs are repeated in alternating order and medians reported. `--memory-limit` runs them in a cgroup v1
 memory group (root only) so a table larger than the page cache may keep can be tried without huge files.
+With the cold regime or `--memory-limit` (where misses go to the device) the run also measures how fast
+misses are served against what the device can do, in one child process: the device's random 4 KiB read
+rate with O_DIRECT at the depth of the slab's fault threads (`device_rate`), then `get` of
+COLD_READ_ROWS random rows of the evicted slab through a store with the smallest budget's (empty) tier.
 The report goes to stdout (a table, `--json` adds the JSON as the last line); progress to stderr.
 """
 
@@ -53,6 +57,7 @@ CONFIGS = ("torch-memory", "torch-mmap", "rocksdb-naive", "slab-naive", "mlkv-no
 OPTIMIZERS = ("adagrad", "sgd")
 REGIMES = ("warm", "cold")
 CGROUP_ROOT = "/sys/fs/cgroup/memory"
+COLD_READ_ROWS = 20_000  # random rows the cold-read probe gets from the evicted slab
 LR = 0.05
 
 
@@ -488,6 +493,44 @@ def run_child(spec: dict) -> dict:
 
 
 # ---- the parent: runs, repeats, report --------------------------------------------------------------
+def cold_read_child(spec: dict) -> dict:
+    """Misses against the device (spec: {"cfg", "root", "cgroup"}): the random-read rate of the slab file
+    (O_DIRECT, FAULT_THREADS in flight) before and after `get` of COLD_READ_ROWS random rows with the
+    store's files evicted. Rows per second over device reads per second; the rows' distinct pages say how
+    many device reads the get needed at least."""
+    _join_cgroup(spec.get("cgroup"))
+    import mlkv
+    from mlkv.engine.slot_file import FAULT_THREADS, HEADER_BYTES
+
+    from .device_rate import misses_against_device
+
+    cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["cfg"].items()})
+    path = os.path.join(spec["root"], "slab")
+    rng = np.random.default_rng(cfg.seed + 7)
+    rows = rng.choice(cfg.rows, min(COLD_READ_ROWS, cfg.rows), replace=False)
+    keys = store_keys(rows)
+    others = store_keys(np.setdiff1d(np.arange(min(cfg.rows, 2 * len(rows))), rows)[:512])
+    cache = max(1 << 20, int(min(cfg.budgets) * table_bytes(cfg)))
+    with mlkv.open(path, cache_bytes=cache) as store:
+        table = store.table(TABLE, optimizer=_mlkv_optimizer(cfg))
+        slab = store._engine._tables[TABLE]  # a benchmark may look inside: the file and the rows' slots
+        pages = np.unique((HEADER_BYTES + slab.index.lookup(keys) * slab.file.slot_bytes) // 4096)
+        evict_files(path)
+        table.get(others, track=False)  # untimed: loads the kernels and starts the fault threads
+
+        def read() -> int:
+            for lo in range(0, len(keys), cfg.batch):
+                table.get(keys[lo : lo + cfg.batch], track=False)
+            return len(keys)
+
+        def evict() -> None:
+            slab.file.drop_page_cache()
+            evict_files(path)
+
+        out = misses_against_device(read, slab.file.path, evict, FAULT_THREADS)
+    return {**out, "distinct_pages": len(pages)}
+
+
 def plan(cfg: TrainConfig) -> list[Run]:
     runs: list[Run] = []
     c = set(cfg.configs)
@@ -509,17 +552,16 @@ def plan(cfg: TrainConfig) -> list[Run]:
     return runs
 
 
-def _spawn(spec: dict) -> dict:
+def _spawn(spec: dict, mode: str = "--child") -> dict:
     proc = subprocess.run(
-        [sys.executable, "-m", "mlkv.bench.train_bench", "--child", json.dumps(spec)],
+        [sys.executable, "-m", "mlkv.bench.train_bench", mode, json.dumps(spec)],
         capture_output=True,
         text=True,
     )
     if proc.returncode != 0:
         tail = (proc.stderr or "").strip().splitlines()[-5:]
-        raise MlkvError(
-            f"run {Run(**spec['run']).label} failed (exit {proc.returncode}): " + " | ".join(tail)
-        )
+        what = Run(**spec["run"]).label if "run" in spec else "the cold-read probe"
+        raise MlkvError(f"run {what} failed (exit {proc.returncode}): " + " | ".join(tail))
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -554,6 +596,7 @@ def run_train_bench(cfg: TrainConfig) -> dict:
             print(f"[{time.strftime('%H:%M:%S')}] {what}", file=sys.stderr, flush=True)
 
     started = time.time()
+    cold_reads = None
     try:
         prepare(cfg, root, step)
         samples: dict[int, list[dict]] = {i: [] for i in range(len(runs))}
@@ -580,6 +623,11 @@ def run_train_bench(cfg: TrainConfig) -> dict:
                     "cgroup": group and group.path,
                 }
                 samples[i].append(_spawn(spec))
+        if ("cold" in cfg.regimes or cfg.memory_limit) and set(cfg.configs) & {"mlkv", "mlkv-nolookahead"}:
+            step("cold-read probe: device random reads, then mlkv misses")
+            cold_reads = _spawn(
+                {"cfg": asdict(cfg), "root": root, "cgroup": group and group.path}, "--cold-reads"
+            )
     finally:
         if group:
             group.close()
@@ -636,6 +684,7 @@ def run_train_bench(cfg: TrainConfig) -> dict:
         "table_bytes": table_bytes(cfg),
         "seconds": time.time() - started,
         "results": [asdict(r) for r in results],
+        "cold_reads": cold_reads,
     }
 
 
@@ -669,6 +718,14 @@ def format_report(report: dict) -> str:
         "reads and writes); cpu = CPU time of all the run's threads per step (steadier than samples/s on a "
         "busy machine); anon/file = peak RssAnon / RssFile of the run's process"
     )
+    c = report.get("cold_reads")
+    if c:
+        lines.append(
+            f"cold reads: mlkv get of {c['rows']:,} random rows ({c['distinct_pages']:,} pages) of the "
+            f"evicted slab {c['rows_per_s']:,.0f} rows/s; device random 4 KiB reads at depth {c['depth']} "
+            f"({'O_DIRECT' if c['direct'] else 'page cache dropped'}) {c['device_reads_per_s']:,.0f}/s: "
+            f"{c['ratio_device']:.2f}x the device"
+        )
     return "\n".join(lines)
 
 
@@ -829,5 +886,7 @@ def main(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
         print(json.dumps(run_child(json.loads(sys.argv[2]))))
+    elif len(sys.argv) == 3 and sys.argv[1] == "--cold-reads":
+        print(json.dumps(cold_read_child(json.loads(sys.argv[2]))))
     else:
         sys.exit("usage: mlkv bench train (this module's own entry point is for its child runs)")

@@ -32,14 +32,25 @@ pages), so when it passes the window the file first asks the kernel: it drops it
 process's file-backed RSS really grew by the window since the last drop (or the open). Dropping on the
 count alone turned every read of a 2M-row table into a page fault: its 540 MiB mapping was dropped every
 8,192 row reads, about every other training step, which cost 1.6 us a row read.
+
+Reads from the device: a read of a page that is not in the page cache is a page fault that waits for one
+device read, and a thread takes its faults one at a time, while a disk or SSD serves random reads many
+times faster with many in flight. A large read therefore gathers its first _PROBE rows in the calling
+thread and times them: when they took longer than page-cache hits do (_COLD_NS a row), the rest of the
+read is split over up to FAULT_THREADS threads of one process-wide pool (each a GIL-free gather of its
+part), so that many faults, hence device reads, are in flight at once. Reads served from the page cache
+stay on the calling thread: splitting them would only add hand-offs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import mmap
 import os
 import struct
+import threading
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -63,9 +74,29 @@ _READ_MAPS = 64 << 10  # bytes one slot read may map: Linux's fault_around_bytes
 _WRITE_MAPS = mmap.PAGESIZE
 _WRITE_BATCH = 1 << 16  # slots one step of `write` copies into records (17 MiB at dim 32 + Adagrad)
 _RESERVE_STEP = 1 << 20  # reservations are rounded up to this many bytes: one fallocate per MiB of growth
+FAULT_THREADS = 32  # device reads in flight for a read whose rows are not in the page cache (header)
+_PROBE = 32  # rows a large read gathers first, timed, to tell device reads from page-cache hits
+_COLD_NS = 4000  # a probe slower than this a row read from the device (a cached row: ~0.7-1.6 us)
+_PART_ROWS = 16  # fewest rows one fault thread gathers
 
 _C1 = hash64(np.arange(1, 4097, dtype=np.uint64))
 _C2 = hash64(np.arange(5001, 9097, dtype=np.uint64)) | np.uint64(1)  # odd: every bit flip shows
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_pid = 0
+_pool_lock = threading.Lock()
+
+
+def _fault_pool() -> ThreadPoolExecutor:
+    """The process-wide pool of FAULT_THREADS threads that take device reads' page faults together (one per
+    process: a forked child makes its own, as the parent's threads do not exist in it)."""
+    global _pool, _pool_pid
+    with _pool_lock:
+        if _pool is None or _pool_pid != os.getpid():
+            _pool = ThreadPoolExecutor(FAULT_THREADS, thread_name_prefix="mlkv-fault")
+            _pool_pid = os.getpid()
+        return _pool
 
 
 def slot_bytes_for(row_bytes: int) -> int:
@@ -287,12 +318,35 @@ class SlotFile:
         """Rows (n, row_bytes) of `keys` stored at `slots`, zeros where a slot is -1; CorruptionError if any
         slot fails its checks."""
         keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        slots = np.ascontiguousarray(slots, dtype=np.int64)
         out = np.empty((len(keys), self.words.shape[1] - 2), dtype=np.uint64)
-        first, bad = _gather(self.words, keys, slots, _C1, _C2, out)
+        first, bad = self._gather(keys, slots, out)
         if bad:
             self._raise_corrupt(keys, slots, first, bad)
         self._touch(len(keys) * _READ_MAPS)
         return out.view(np.uint8)[:, : self.row_bytes]
+
+    def _gather(self, keys: np.ndarray, slots: np.ndarray, out: np.ndarray) -> tuple[int, int]:
+        """_gather of every row, with its device reads in flight together when the rows are not in the page
+        cache (module header). Returns (index of the first bad slot or -1, number of bad slots)."""
+        n = len(keys)
+        if n < 4 * _PROBE:
+            return _gather(self.words, keys, slots, _C1, _C2, out)
+        start = time.perf_counter_ns()
+        parts = [(0, _gather(self.words, keys[:_PROBE], slots[:_PROBE], _C1, _C2, out[:_PROBE]))]
+        if time.perf_counter_ns() - start < _PROBE * _COLD_NS:
+            parts.append((_PROBE, _gather(self.words, keys[_PROBE:], slots[_PROBE:], _C1, _C2, out[_PROBE:])))
+        else:
+            count = max(1, min(FAULT_THREADS, (n - _PROBE) // _PART_ROWS))
+            bounds = np.linspace(_PROBE, n, count + 1).astype(np.int64).tolist()
+            pool = _fault_pool()
+            futures = [
+                (a, pool.submit(_gather, self.words, keys[a:b], slots[a:b], _C1, _C2, out[a:b]))
+                for a, b in itertools.pairwise(bounds)
+            ]
+            parts += [(a, f.result()) for a, f in futures]
+        first = next((a + f for a, (f, _) in parts if f >= 0), -1)
+        return first, sum(b for _, (_, b) in parts)
 
     def _touch(self, nbytes: int) -> None:
         """Count `nbytes` more mapped; past MAPPED_WINDOW_BYTES, unmap every page (the page cache keeps

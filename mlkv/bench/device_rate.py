@@ -1,0 +1,113 @@
+"""The device's random-read rate, measured beside the benchmark that compares itself with it.
+
+`random_read_rate(path)` reads 4 KiB blocks at uniformly random aligned offsets of a file with O_DIRECT
+(nothing comes from the page cache, nothing is added to it), from `depth` threads that each keep one read
+in flight (os.preadv releases the GIL), for `seconds`: the rate a miss path could reach on this device at
+that depth. Where O_DIRECT is not supported (tmpfs) it reads through the page cache after dropping the
+file from it, and says so (`direct: False`). Nothing is written. `misses_against_device` times a read of
+rows that all miss in memory between two such probes.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from ..durable_files import drop_from_page_cache
+
+BLOCK = 4096
+DEPTH = 32
+
+
+def random_read_rate(path: str, *, depth: int = DEPTH, seconds: float = 1.0, seed: int = 0) -> dict:
+    """Random BLOCK-byte reads of `path` per second with `depth` reads in flight.
+
+    Args:
+        path (str): an existing file of at least one block.
+        depth (int): reader threads, each with one read in flight.
+        seconds (float): how long to read.
+        seed (int): seed of the offsets.
+
+    Returns:
+        dict: ``reads_per_s``, ``depth``, ``block``, ``direct`` (whether O_DIRECT bypassed the page cache),
+        ``reads``, ``seconds``.
+    """
+    size = os.path.getsize(path)
+    blocks = size // BLOCK
+    if blocks < 1:
+        raise ValueError(f"{path} is {size} bytes, shorter than one {BLOCK}-byte block")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+        direct = hasattr(os, "O_DIRECT")
+    except OSError:
+        drop_from_page_cache([path])
+        fd, direct = os.open(path, os.O_RDONLY), False
+    counts = [0] * depth
+    stop = threading.Event()
+
+    def reader(k: int) -> None:
+        buf = mmap.mmap(-1, BLOCK)  # page-aligned, as O_DIRECT wants
+        offsets = np.random.default_rng([seed, k]).integers(0, blocks, 1 << 16) * BLOCK
+        i = 0
+        while not stop.is_set():
+            os.preadv(fd, [buf], int(offsets[i % len(offsets)]))
+            i += 1
+        counts[k] = i
+        buf.close()
+
+    threads = [threading.Thread(target=reader, args=(k,), name=f"mlkv-devprobe-{k}") for k in range(depth)]
+    try:
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        time.sleep(seconds)
+        stop.set()
+        for t in threads:
+            t.join()
+        took = time.perf_counter() - start
+    finally:
+        stop.set()
+        os.close(fd)
+    reads = sum(counts)
+    return {
+        "reads_per_s": reads / took,
+        "depth": depth,
+        "block": BLOCK,
+        "direct": direct,
+        "reads": reads,
+        "seconds": took,
+    }
+
+
+def misses_against_device(
+    read: Callable[[], int], path: str, evict: Callable[[], None], depth: int = DEPTH
+) -> dict:
+    """Time `read()` (it reads rows that all miss in memory and returns how many) between two
+    `random_read_rate` probes of `path` at `depth`, calling `evict()` (drop the files from the page cache)
+    before it. The device's rate drifts on a shared host, so the ratio is against the mean of the probes.
+
+    Returns:
+        dict: ``rows``, ``rows_per_s``, ``device_reads_per_s`` (the mean of the probes),
+        ``device_reads_per_s_before_after``, ``depth``, ``direct``, ``ratio_device`` (rows/s over reads/s).
+    """
+    before = random_read_rate(path, depth=depth, seconds=1.0, seed=1)
+    evict()
+    start = time.perf_counter()
+    rows = read()
+    took = time.perf_counter() - start
+    after = random_read_rate(path, depth=depth, seconds=1.0, seed=2)
+    device = (before["reads_per_s"] + after["reads_per_s"]) / 2
+    return {
+        "rows": rows,
+        "rows_per_s": rows / took,
+        "device_reads_per_s": device,
+        "device_reads_per_s_before_after": [before["reads_per_s"], after["reads_per_s"]],
+        "depth": depth,
+        "direct": before["direct"],
+        "ratio_device": rows / took / device,
+    }

@@ -365,3 +365,36 @@ def test_slot_file_read_on_fault_threads_names_the_first_bad_row_and_counts_them
             f.read(keys[order], order.astype(np.int64))
     finally:
         f.close()
+
+
+def test_flush_of_a_large_dirty_tier_copies_a_bounded_part_at_a_time(tmp_path, monkeypatch):
+    """A 48 MiB tier of dirty rows flushes in parts of at most half the write-back limit (4 MiB here), so a
+    flush's allocations stay near the limit, not the tier (the old flush copied the whole tier into one
+    queued write: > 48 MiB), and every row reaches the engine: the checkpoint reopens with each row. The
+    rows' keys are in the engine already, so its key index does not grow (that is index memory)."""
+    import tracemalloc
+
+    from mlkv.store import store as store_module
+
+    monkeypatch.setattr(store_module, "WRITEBACK_MAX_BYTES", 4 << 20)
+    n, dim = 380_000, 32
+    rows = np.random.default_rng(11).standard_normal((n, dim), dtype=np.float32)
+    keys = np.arange(n, dtype=np.int64) * 31 + 5
+    with mlkv.open(str(tmp_path / "s"), cache_bytes=64 << 20) as store:
+        t = store.table("t", dim=dim)
+        t.put(keys, np.zeros_like(rows))
+        store.checkpoint()  # the engine's key index holds every key now: the flush below does not grow it
+        for i in range(0, n, 50_000):
+            t.put(keys[i : i + 50_000], rows[i : i + 50_000])
+        store.reset_stats()
+        tracemalloc.start()
+        try:
+            store.flush()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert store.stats()["rows_written_back"] == n
+        store.checkpoint({"at": "flushed"})
+    assert peak < 24 << 20, f"flush peak {peak / 2**20:.0f} MiB"  # whole-tier copies: 105 MiB
+    with mlkv.open(str(tmp_path / "s"), readonly=True) as store:
+        assert np.array_equal(store.table("t").get(keys, track=False), rows)

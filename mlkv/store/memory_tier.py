@@ -335,9 +335,11 @@ class MemoryTier:
         self.index.live += k
         return slots
 
-    def take_dirty(self) -> tuple[np.ndarray, np.ndarray]:
-        """All dirty rows (keys, rows), now marked clean: what a flush writes back."""
-        slots = np.flatnonzero(self.dirty)
+    def take_dirty(self, first: int = 0, count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The dirty rows (keys, rows) of slots [first, first + count) (default: all), now marked clean:
+        what a flush writes back, a part at a time."""
+        end = self.capacity if count is None else min(self.capacity, first + count)
+        slots = np.flatnonzero(self.dirty[first:end]) + first
         out = (self.keys[slots].copy(), self.rows(slots))
         self.dirty[slots] = False
         return out

@@ -6,6 +6,7 @@ metadata travel inside the engine's checkpoint, so they commit atomically with t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -521,9 +522,22 @@ class Store:
             self._applier.drain()  # before the cut: a checkpoint holds every update submitted before it
             return self._checkpoint_locked(metadata)
 
-    def _checkpoint_locked(self, metadata: dict | None) -> int:
-        self._checkpointing = True  # row operations wait: the checkpoint is one consistent cut
+    @contextlib.contextmanager
+    def _cut(self):
+        """Row operations wait (`_enter`, `Table._wait_checkpoint`) while this runs, also while it releases
+        the store lock to wait for the write-back queue: what it writes is one consistent cut (a checkpoint,
+        a flush). Nests."""
+        outer = self._checkpointing
+        self._checkpointing = True
         try:
+            yield
+        finally:
+            self._checkpointing = outer
+            if not outer:
+                self._cond.notify_all()
+
+    def _checkpoint_locked(self, metadata: dict | None) -> int:
+        with self._cut():  # row operations wait: the checkpoint is one consistent cut
             for t in self._tables.values():
                 if t.expire_on_checkpoint:
                     t._expire_locked()
@@ -544,9 +558,6 @@ class Store:
             self._last = (ckpt, metadata)
             self._changed = False
             return ckpt
-        finally:
-            self._checkpointing = False
-            self._cond.notify_all()
 
     def last_checkpoint(self) -> tuple[int, dict | None] | None:
         """``(id, metadata)`` of the last committed checkpoint (of this process or recovered at open), or

@@ -950,7 +950,21 @@ class Table:
         return len(gone)
 
     def _flush_locked(self) -> None:
-        self._queue_write(*self.tier.take_dirty())
+        """Queue every dirty row of the tier for the engine, a part of at most half the write-back queue's
+        limit at a time, waiting for room before each (the store lock is released meanwhile, while row
+        operations wait: `Store._cut`), so a flush of a GiB-sized tier copies a bounded amount at once
+        instead of the whole tier. A resize meanwhile (a look-ahead admission) moves rows: the scan starts
+        again, and only rows still dirty are taken."""
+        st, tier = self._store, self.tier
+        per = max(1, st._writeback.limit_bytes // 2 // max(1, 4 * tier.width))
+        with st._cut():
+            first, moves = 0, tier.moves
+            while first < tier.capacity:
+                st._writeback.wait_room(per * 4 * tier.width)
+                if tier.moves != moves:  # rows moved while the lock was released
+                    first, moves = 0, tier.moves
+                self._queue_write(*tier.take_dirty(first, per))
+                first += per
 
     def flush(self) -> None:
         """Queue every dirty row for the engine and wait until it is there (durable at next checkpoint)."""

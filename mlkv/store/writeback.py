@@ -82,6 +82,12 @@ class WriteBack:
                 self._cond.wait()
             stats["stall_seconds"] += time.perf_counter() - start
 
+    def wait_room(self, nbytes: int) -> None:
+        """Wait (store lock released) until `nbytes` more fit under `limit_bytes`, or the queue is empty: a
+        large flush queues its parts one at a time, so its copies stay bounded. Not stall time."""
+        while self._bytes and self._bytes + nbytes > self.limit_bytes and self.error is None:
+            self._cond.wait()
+
     def _run(self, op: PendingOp) -> None:
         with self._cond:
             if self.error is not None or not any(o is op for o in self._ops.get(op.table, ())):

@@ -398,3 +398,30 @@ def test_flush_of_a_large_dirty_tier_copies_a_bounded_part_at_a_time(tmp_path, m
     assert peak < 24 << 20, f"flush peak {peak / 2**20:.0f} MiB"  # whole-tier copies: 105 MiB
     with mlkv.open(str(tmp_path / "s"), readonly=True) as store:
         assert np.array_equal(store.table("t").get(keys, track=False), rows)
+
+
+def test_fault_threads_of_a_read_from_the_device_stop_when_the_store_closes(tmp_path):
+    """In a fresh interpreter (no other slot file open): a read forced onto the fault threads starts them,
+    and closing the store, its last slot file, stops them: no mlkv thread outlives close()."""
+    import subprocess
+    import sys
+
+    script = f"""
+import threading, numpy as np, mlkv
+from mlkv.engine import slot_file
+slot_file._COLD_NS = 0
+names = lambda: [t.name for t in threading.enumerate() if t.name.startswith("mlkv-fault")]
+with mlkv.open({str(tmp_path / "s")!r}, cache_bytes=1 << 20) as store:
+    t = store.table("t", dim=4)
+    keys = np.arange(5000)
+    t.put(keys, np.ones((5000, 4), dtype=np.float32))
+    store.checkpoint()
+with mlkv.open({str(tmp_path / "s")!r}, cache_bytes=1 << 16) as store:
+    assert store.table("t").get(keys, track=False).sum() == 20000
+    running = names()
+print(len(running), len(names()))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    running, after = map(int, out.stdout.split())
+    assert running > 0 and after == 0

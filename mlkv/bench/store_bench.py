@@ -36,6 +36,7 @@ import mlkv
 from ..engine import ENGINES
 from ..engine.key_index import hash64
 from ..errors import InvalidArgumentError
+from ..store.store import DEFAULT_IO_THREADS
 from . import lookahead_bench
 from .keys import DISTRIBUTIONS, KeyStream
 from .lookahead_bench import evict_store
@@ -88,7 +89,7 @@ class BenchConfig:
     la_regimes: tuple[str, ...] = ("warm", "cold")
     la_repeats: int = 1
     la_engine: str = "slab"
-    io_threads: int = 4
+    io_threads: int = DEFAULT_IO_THREADS
 
 
 @dataclass

@@ -39,7 +39,8 @@ times faster with many in flight. A large read therefore gathers its first _PROB
 thread and times them: when they took longer than page-cache hits do (_COLD_NS a row), the rest of the
 read is split over up to FAULT_THREADS threads of one process-wide pool (each a GIL-free gather of its
 part), so that many faults, hence device reads, are in flight at once. Reads served from the page cache
-stay on the calling thread: splitting them would only add hand-offs.
+stay on the calling thread: splitting them would only add hand-offs. The fault threads start on the first
+such read and stop when the process's last slot file closes.
 """
 
 from __future__ import annotations
@@ -85,18 +86,31 @@ _C2 = hash64(np.arange(5001, 9097, dtype=np.uint64)) | np.uint64(1)  # odd: ever
 
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = 0
+_open_files = 0  # slot files open in this process: the last one to close stops the fault threads
 _pool_lock = threading.Lock()
 
 
 def _fault_pool() -> ThreadPoolExecutor:
     """The process-wide pool of FAULT_THREADS threads that take device reads' page faults together (one per
-    process: a forked child makes its own, as the parent's threads do not exist in it)."""
+    process: a forked child makes its own, as the parent's threads do not exist in it). Its threads start
+    on the first read from the device and stop when the last slot file of the process closes."""
     global _pool, _pool_pid
     with _pool_lock:
         if _pool is None or _pool_pid != os.getpid():
             _pool = ThreadPoolExecutor(FAULT_THREADS, thread_name_prefix="mlkv-fault")
             _pool_pid = os.getpid()
         return _pool
+
+
+def _count_open(delta: int) -> None:
+    global _pool, _open_files
+    with _pool_lock:
+        _open_files += delta
+        pool = _pool if _open_files <= 0 and _pool_pid == os.getpid() else None
+        if pool is not None:
+            _pool = None
+    if pool is not None:
+        pool.shutdown(wait=True)  # idle by now: no file is open to read through it
 
 
 def slot_bytes_for(row_bytes: int) -> int:
@@ -235,6 +249,7 @@ class SlotFile:
         except BaseException:
             os.close(self.fd)
             raise
+        _count_open(1)
 
     def _header_bytes(self) -> bytes:
         body = _HEADER.pack(MAGIC, VERSION, self.row_bytes, self.slot_bytes, self.table_id)
@@ -481,3 +496,4 @@ class SlotFile:
         with contextlib.suppress(BufferError):  # a caller still holds a view; the mapping goes when it does
             self.mm.close()
         os.close(self.fd)
+        _count_open(-1)

@@ -38,6 +38,7 @@ import numpy as np
 import mlkv
 from mlkv.bench.device_rate import misses_against_device
 from mlkv.durable_files import drop_from_page_cache
+from mlkv.engine import slot_file
 from mlkv.engine.key_index import hash64
 from mlkv.engine.process_memory import process_memory
 from mlkv.engine.slot_file import FAULT_THREADS
@@ -143,7 +144,11 @@ def cold_get(store, args) -> dict:
         slab.drop_page_cache()
         drop_from_page_cache(store_files(args.path))
 
-    return misses_against_device(read, slab.path, evict, FAULT_THREADS)
+    read_in, slot_file.READ_IN_SHARE = slot_file.READ_IN_SHARE, 0.0  # random reads, no whole-file read-in
+    try:
+        return misses_against_device(read, slab.path, evict, FAULT_THREADS)
+    finally:
+        slot_file.READ_IN_SHARE = read_in
 
 
 def main() -> None:

@@ -425,3 +425,89 @@ print(len(running), len(names()))
     assert out.returncode == 0, out.stderr
     running, after = map(int, out.stdout.split())
     assert running > 0 and after == 0
+
+
+def _record_fadvise(monkeypatch) -> list[tuple[str, int, int, int]]:
+    """Calls of os.posix_fadvise (thread name, offset, length, advice), passed on to the real one."""
+    import threading
+
+    calls, real = [], os.posix_fadvise
+
+    def spy(fd, offset, length, advice):
+        calls.append((threading.current_thread().name, offset, length, advice))
+        return real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    return calls
+
+
+def test_a_small_cold_file_is_read_in_whole_on_its_first_cold_read_and_close_stops_it(tmp_path, monkeypatch):
+    """The first read that finds the file cold (forced here) starts one background read-in: WILLNEED advice
+    over every allocated byte in 8 MiB steps, once per open; rows read meanwhile are exact; close() waits
+    for it, so no mlkv-readin thread is left."""
+    import threading
+
+    f, keys, rows = _filled_slot_file(str(tmp_path / "t.slab"), 100_000, width=256)  # 27 MB
+    monkeypatch.setattr(slot_file, "_COLD_NS", 0)
+    monkeypatch.setattr(slot_file, "memory_for_files", lambda: 1 << 40)
+    calls = _record_fadvise(monkeypatch)
+    try:
+        for seed in range(3):
+            pick = np.random.default_rng(seed).choice(len(keys), 2000, replace=False)
+            assert np.array_equal(f.read(keys[pick], pick.astype(np.int64)), rows[pick])
+        if f._read_in is not None:
+            f._read_in.join()
+    finally:
+        f.close()
+    mine = [c for c in calls if c[0] == "mlkv-readin"]
+    assert all(advice == os.POSIX_FADV_WILLNEED for *_, advice in mine)
+    assert [off for _, off, _, _ in mine] == list(range(0, f.reserved, 8 << 20))  # once, in order
+    assert sum(length for _, _, length, _ in mine) == f.reserved
+    assert not [t for t in threading.enumerate() if t.name == "mlkv-readin"]
+
+
+def test_a_cold_file_larger_than_its_share_of_memory_is_not_read_in(tmp_path, monkeypatch):
+    """A table above READ_IN_SHARE of the memory for files (8x its size is needed) is left to random reads;
+    warm reads never start a read-in either."""
+    f, keys, rows = _filled_slot_file(str(tmp_path / "t.slab"), 100_000, width=256)
+    monkeypatch.setattr(slot_file, "memory_for_files", lambda: 4 * f.reserved)  # a quarter: too big
+    calls = _record_fadvise(monkeypatch)
+    try:
+        monkeypatch.setattr(slot_file, "_COLD_NS", 10**12)  # warm: the probe is fast
+        pick = np.arange(0, 100_000, 50)
+        assert np.array_equal(f.read(keys[pick], pick), rows[pick])
+        assert not f._read_in_tried
+        monkeypatch.setattr(slot_file, "_COLD_NS", 0)
+        assert np.array_equal(f.read(keys[pick], pick), rows[pick])
+        assert f._read_in_tried and f._read_in is None
+    finally:
+        f.close()
+    assert not [c for c in calls if c[0] == "mlkv-readin"]
+
+
+def test_memory_for_files_is_capped_by_the_cgroup_memory_limit(tmp_path):
+    """In a cgroup v1 memory group limited to 256 MiB (CI runs as root), the memory a read-in may take is at
+    most the limit, however much the machine has free."""
+    import subprocess
+    import sys
+
+    from mlkv.engine.process_memory import memory_for_files
+
+    root = "/sys/fs/cgroup/memory"
+    if not os.path.isdir(root) or os.geteuid() != 0:
+        pytest.skip("needs root and the cgroup v1 memory controller (the bench's --memory-limit does too)")
+    assert memory_for_files() > 256 << 20  # outside the group: the machine's MemAvailable
+    group = os.path.join(root, f"mlkv-test-{os.getpid()}")
+    os.makedirs(group, exist_ok=True)
+    try:
+        with open(os.path.join(group, "memory.limit_in_bytes"), "w") as f:
+            f.write(str(256 << 20))
+        script = (
+            f"open({os.path.join(group, 'cgroup.procs')!r}, 'w').write(str(__import__('os').getpid()))\n"
+            "from mlkv.engine.process_memory import memory_for_files\nprint(memory_for_files())"
+        )
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert 0 < int(out.stdout) <= 256 << 20
+    finally:
+        os.rmdir(group)

@@ -12,7 +12,10 @@ how tracked reads are used; the tracked read path is timed as get + release):
                tier's misses cost, and the engine-to-engine comparison without the shared tier cost
 Baselines timed in the same run on the same rows and the same key batches: numpy fancy indexing of an
 in-memory (N, dim) array (the memory limit), and a memory-mapped flat file of the stored rows, warm and
-cold (the disk limit). Results go to stdout (a table, or JSON); progress goes to stderr.
+cold (the disk limit). Cold means random reads: the slot file's whole-file read-in of a cold, small table
+(`slot_file.READ_IN_SHARE`) is off for the whole bench, look-ahead included, or the first cold read would
+bring the table in sequentially and the rest would be warm. Results go to stdout (a table, or JSON);
+progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from tqdm import tqdm
 
 import mlkv
 
-from ..engine import ENGINES
+from ..engine import ENGINES, slot_file
 from ..engine.key_index import hash64
 from ..errors import InvalidArgumentError
 from ..store.store import DEFAULT_IO_THREADS
@@ -438,6 +441,7 @@ def run_store_bench(cfg: BenchConfig) -> dict:
         total_steps += lookahead_bench.steps(cfg)
     results: list[Result] = []
     lookahead = None
+    read_in, slot_file.READ_IN_SHARE = slot_file.READ_IN_SHARE, 0.0  # cold = random reads (header)
     try:
         with tqdm(total=total_steps, desc="bench store", unit="step", **bar_opts) as steps:
             started = [False]
@@ -462,6 +466,7 @@ def run_store_bench(cfg: BenchConfig) -> dict:
             steps.update(1)
         info = machine(root)
     finally:
+        slot_file.READ_IN_SHARE = read_in
         shutil.rmtree(root, ignore_errors=True)
     config = asdict(cfg)
     config.update(row_bytes=data.row_bytes, table_bytes=data.table_bytes, optimizer="adagrad")

@@ -496,15 +496,18 @@ def run_child(spec: dict) -> dict:
 def cold_read_child(spec: dict) -> dict:
     """Misses against the device (spec: {"cfg", "root", "cgroup"}): the random-read rate of the slab file
     (O_DIRECT, FAULT_THREADS in flight) before and after `get` of COLD_READ_ROWS random rows with the
-    store's files evicted. Rows per second over device reads per second; the rows' distinct pages say how
-    many device reads the get needed at least."""
+    store's files evicted, random reads only (the whole-file read-in of a small cold table is off). Rows
+    per second over device reads per second; the rows' distinct pages say how many device reads the get
+    needed at least."""
     _join_cgroup(spec.get("cgroup"))
     import mlkv
+    from mlkv.engine import slot_file
     from mlkv.engine.slot_file import FAULT_THREADS, HEADER_BYTES
 
     from .device_rate import misses_against_device
 
     cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["cfg"].items()})
+    slot_file.READ_IN_SHARE = 0.0  # random reads: no whole-file read-in of a small cold table
     path = os.path.join(spec["root"], "slab")
     rng = np.random.default_rng(cfg.seed + 7)
     rows = rng.choice(cfg.rows, min(COLD_READ_ROWS, cfg.rows), replace=False)

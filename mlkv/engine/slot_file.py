@@ -41,6 +41,13 @@ read is split over up to FAULT_THREADS threads of one process-wide pool (each a 
 part), so that many faults, hence device reads, are in flight at once. Reads served from the page cache
 stay on the calling thread: splitting them would only add hand-offs. The fault threads start on the first
 such read and stop when the process's last slot file closes.
+
+A restarted job whose table is small next to free memory: random faults would bring it in one page at a
+time, while the device reads it sequentially many times faster. So the first read of an open file that
+finds it cold also starts, when the file's allocated bytes are at most READ_IN_SHARE of the memory the page
+cache may take (`memory_for_files`: MemAvailable capped by the cgroup's limit), a background read-in of the
+whole file (POSIX_FADV_WILLNEED in 8 MiB steps: the kernel reads ahead sequentially, nothing is copied or
+mapped). Once per open; close() stops it. A table larger than that share is left to the random reads.
 """
 
 from __future__ import annotations
@@ -62,7 +69,7 @@ from ..durable_files import storage_errors
 from ..errors import CorruptionError, PathNotFoundError
 from .key_index import KeyIndex, as_u64, hash64
 from .prefetch import prefetch_at
-from .process_memory import process_memory
+from .process_memory import memory_for_files, process_memory
 
 MAGIC = b"MLKVSLAB"
 VERSION = 2
@@ -79,6 +86,8 @@ FAULT_THREADS = 32  # device reads in flight for a read whose rows are not in th
 _PROBE = 32  # rows a large read gathers first, timed, to tell device reads from page-cache hits
 _COLD_NS = 4000  # a probe slower than this a row read from the device (a cached row: ~0.7-1.6 us)
 _PART_ROWS = 16  # fewest rows one fault thread gathers
+READ_IN_SHARE = 0.125  # a cold file up to this share of memory_for_files() is read in whole (header)
+_READ_IN_STEP = 8 << 20  # bytes one POSIX_FADV_WILLNEED asks for (the kernel caps one call's read-ahead)
 
 _C1 = hash64(np.arange(1, 4097, dtype=np.uint64))
 _C2 = hash64(np.arange(5001, 9097, dtype=np.uint64)) | np.uint64(1)  # odd: every bit flip shows
@@ -249,6 +258,10 @@ class SlotFile:
         except BaseException:
             os.close(self.fd)
             raise
+        self._read_in_lock = threading.Lock()
+        self._read_in: threading.Thread | None = None  # the background read-in, once per open
+        self._read_in_tried = False
+        self._closing = threading.Event()
         _count_open(1)
 
     def _header_bytes(self) -> bytes:
@@ -352,6 +365,7 @@ class SlotFile:
         if time.perf_counter_ns() - start < _PROBE * _COLD_NS:
             parts.append((_PROBE, _gather(self.words, keys[_PROBE:], slots[_PROBE:], _C1, _C2, out[_PROBE:])))
         else:
+            self._start_read_in()
             count = max(1, min(FAULT_THREADS, (n - _PROBE) // _PART_ROWS))
             bounds = np.linspace(_PROBE, n, count + 1).astype(np.int64).tolist()
             pool = _fault_pool()
@@ -362,6 +376,28 @@ class SlotFile:
             parts += [(a, f.result()) for a, f in futures]
         first = next((a + f for a, (f, _) in parts if f >= 0), -1)
         return first, sum(b for _, (_, b) in parts)
+
+    def _start_read_in(self) -> None:
+        """On the first cold read of this open: read the whole file into the page cache in the background
+        when it is small next to the memory for it (module header)."""
+        with self._read_in_lock:
+            if self._read_in_tried:
+                return
+            self._read_in_tried = True
+            room = memory_for_files()
+            if room is None or self.reserved > READ_IN_SHARE * room:
+                return
+            self._read_in = threading.Thread(
+                target=self._read_in_run, args=(self.reserved,), name="mlkv-readin", daemon=True
+            )
+            self._read_in.start()
+
+    def _read_in_run(self, size: int) -> None:
+        with contextlib.suppress(OSError, AttributeError):  # advice only
+            for offset in range(0, size, _READ_IN_STEP):
+                if self._closing.is_set():
+                    return
+                os.posix_fadvise(self.fd, offset, min(_READ_IN_STEP, size - offset), os.POSIX_FADV_WILLNEED)
 
     def _touch(self, nbytes: int) -> None:
         """Count `nbytes` more mapped; past MAPPED_WINDOW_BYTES, unmap every page (the page cache keeps
@@ -492,6 +528,9 @@ class SlotFile:
         return os.fstat(self.fd).st_size
 
     def close(self) -> None:
+        self._closing.set()
+        if self._read_in is not None:
+            self._read_in.join()  # before the descriptor it advises on is closed (and maybe reused)
         self.slots = self.words = None
         with contextlib.suppress(BufferError):  # a caller still holds a view; the mapping goes when it does
             self.mm.close()

@@ -326,7 +326,7 @@ def _filled_slot_file(path: str, n: int, width: int = 64, seed: int = 7):
 def test_slot_file_read_spreads_over_fault_threads_only_when_its_probe_is_slow(
     tmp_path, monkeypatch, from_device
 ):
-    """A large read whose first rows came slowly (device reads; here forced by the threshold) gathers the
+    """A large read whose first rows came from the device (major faults; forced here) gathers the
     rest on the fault threads, in parts; one served from the page cache stays on the calling thread. Either
     way every row, and the zeros of a missing slot, come back as a single gather returns them."""
     f, keys, rows = _filled_slot_file(str(tmp_path / "t.slab"), 20_000)
@@ -338,7 +338,7 @@ def test_slot_file_read_spreads_over_fault_threads_only_when_its_probe_is_slow(
         return real_pool()
 
     monkeypatch.setattr(slot_file, "_fault_pool", spy)
-    monkeypatch.setattr(slot_file, "_COLD_NS", 0 if from_device else 10**12)
+    monkeypatch.setattr(slot_file, "_probe_cold", lambda faults, start: from_device)
     try:
         pick = np.random.default_rng(8).choice(len(keys), 5000, replace=False)
         slots = pick.astype(np.int64)
@@ -356,7 +356,7 @@ def test_slot_file_read_on_fault_threads_names_the_first_bad_row_and_counts_them
     """Damaged slots in different parts of a parallel read: the error names the first one in read order and
     counts every one, as the single-threaded gather does."""
     f, keys, _ = _filled_slot_file(str(tmp_path / "t.slab"), 4000)
-    monkeypatch.setattr(slot_file, "_COLD_NS", 0)
+    monkeypatch.setattr(slot_file, "_probe_cold", lambda faults, start: True)
     try:
         order = np.random.default_rng(9).permutation(len(keys))
         for i in (3000, 1200, 3999):  # read positions, each in a different fault thread's part
@@ -409,7 +409,7 @@ def test_fault_threads_of_a_read_from_the_device_stop_when_the_store_closes(tmp_
     script = f"""
 import threading, numpy as np, mlkv
 from mlkv.engine import slot_file
-slot_file._COLD_NS = 0
+slot_file._probe_cold = lambda faults, start: True
 names = lambda: [t.name for t in threading.enumerate() if t.name.startswith("mlkv-fault")]
 with mlkv.open({str(tmp_path / "s")!r}, cache_bytes=1 << 20) as store:
     t = store.table("t", dim=4)
@@ -443,12 +443,12 @@ def _record_fadvise(monkeypatch) -> list[tuple[str, int, int, int]]:
 
 def test_a_small_cold_file_is_read_in_whole_on_its_first_cold_read_and_close_stops_it(tmp_path, monkeypatch):
     """The first read that finds the file cold (forced here) starts one background read-in: WILLNEED advice
-    over every allocated byte in 8 MiB steps, once per open; rows read meanwhile are exact; close() waits
+    over every allocated byte in 128 KiB steps, once per open; rows read meanwhile are exact; close() waits
     for it, so no mlkv-readin thread is left."""
     import threading
 
     f, keys, rows = _filled_slot_file(str(tmp_path / "t.slab"), 100_000, width=256)  # 27 MB
-    monkeypatch.setattr(slot_file, "_COLD_NS", 0)
+    monkeypatch.setattr(slot_file, "_probe_cold", lambda faults, start: True)
     monkeypatch.setattr(slot_file, "memory_for_files", lambda: 1 << 40)
     calls = _record_fadvise(monkeypatch)
     try:
@@ -461,7 +461,7 @@ def test_a_small_cold_file_is_read_in_whole_on_its_first_cold_read_and_close_sto
         f.close()
     mine = [c for c in calls if c[0] == "mlkv-readin"]
     assert all(advice == os.POSIX_FADV_WILLNEED for *_, advice in mine)
-    assert [off for _, off, _, _ in mine] == list(range(0, f.reserved, 8 << 20))  # once, in order
+    assert [off for _, off, _, _ in mine] == list(range(0, f.reserved, 128 << 10))  # once, in order
     assert sum(length for _, _, length, _ in mine) == f.reserved
     assert not [t for t in threading.enumerate() if t.name == "mlkv-readin"]
 
@@ -473,11 +473,11 @@ def test_a_cold_file_larger_than_its_share_of_memory_is_not_read_in(tmp_path, mo
     monkeypatch.setattr(slot_file, "memory_for_files", lambda: 4 * f.reserved)  # a quarter: too big
     calls = _record_fadvise(monkeypatch)
     try:
-        monkeypatch.setattr(slot_file, "_COLD_NS", 10**12)  # warm: the probe is fast
+        monkeypatch.setattr(slot_file, "_probe_cold", lambda faults, start: False)  # warm
         pick = np.arange(0, 100_000, 50)
         assert np.array_equal(f.read(keys[pick], pick), rows[pick])
         assert not f._read_in_tried
-        monkeypatch.setattr(slot_file, "_COLD_NS", 0)
+        monkeypatch.setattr(slot_file, "_probe_cold", lambda faults, start: True)
         assert np.array_equal(f.read(keys[pick], pick), rows[pick])
         assert f._read_in_tried and f._read_in is None
     finally:
@@ -511,3 +511,52 @@ def test_memory_for_files_is_capped_by_the_cgroup_memory_limit(tmp_path):
         assert 0 < int(out.stdout) <= 256 << 20
     finally:
         os.rmdir(group)
+
+
+def test_cuts_that_end_out_of_order_keep_row_operations_waiting_until_the_last_one_ends(tmp_path):
+    """Two threads' cuts (checkpoint, flush) overlap while each waits with the store lock released; the
+    first to begin may end first. Row operations must wait until both ended, and run again after: a saved
+    and restored flag cleared it while the second cut was still writing."""
+    with mlkv.open(str(tmp_path / "s")) as store:
+        t = store.table("t", dim=2)
+        first, second = store._cut(), store._cut()
+        with store._lock:  # each cut runs under the store lock (released while it waits)
+            first.__enter__()
+            second.__enter__()
+            first.__exit__(None, None, None)
+            assert store._checkpointing  # the second cut is still writing
+            second.__exit__(None, None, None)
+            assert not store._checkpointing
+        t.put([1], np.ones((1, 2), dtype=np.float32))  # would wait forever if the flag stayed set
+        store.checkpoint()
+
+
+def test_a_flush_stops_queueing_when_the_write_back_fails_and_the_rows_stay_readable(tmp_path, monkeypatch):
+    """The disk fails under a flush of a 48 MiB dirty tier: the flush raises the failure after one part
+    reached the queue instead of copying every part into a queue that will never drain; every row still
+    reads back as written, and a reopen returns the last checkpoint (here: none of these rows)."""
+    import errno
+
+    from mlkv.store import store as store_module
+
+    monkeypatch.setattr(store_module, "WRITEBACK_MAX_BYTES", 4 << 20)
+    n, dim = 380_000, 32
+    rows = np.random.default_rng(12).standard_normal((n, dim), dtype=np.float32)
+    keys = np.arange(n, dtype=np.int64) * 7 + 1
+    store = mlkv.open(str(tmp_path / "s"), cache_bytes=64 << 20)
+    t = store.table("t", dim=dim)
+    store.checkpoint()
+    t.put(keys, rows)
+
+    def failing(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", failing)
+    with pytest.raises(mlkv.errors.StorageFullError):
+        store.flush()
+    assert store._writeback._bytes <= 4 << 20  # one part queued, not the 48 MiB tier
+    assert np.array_equal(t.get(keys, track=False), rows)
+    monkeypatch.undo()
+    store.close()  # the failure was raised already: close does not raise it again
+    with mlkv.open(str(tmp_path / "s"), readonly=True) as again:
+        assert len(again.table("t")) == 0

@@ -24,11 +24,15 @@ BLOCK = 4096
 DEPTH = 32
 
 
-def random_read_rate(path: str, *, depth: int = DEPTH, seconds: float = 1.0, seed: int = 0) -> dict:
+def random_read_rate(
+    path: str, *, depth: int = DEPTH, seconds: float = 1.0, seed: int = 0, span: int | None = None
+) -> dict:
     """Random BLOCK-byte reads of `path` per second with `depth` reads in flight.
 
     Args:
         path (str): an existing file of at least one block.
+        span (int, optional): read only bytes [0, span): the allocated part of a sparse file (a read of a
+            hole returns zeros without touching the device). Default: the whole file.
         depth (int): reader threads, each with one read in flight.
         seconds (float): how long to read.
         seed (int): seed of the offsets.
@@ -37,7 +41,7 @@ def random_read_rate(path: str, *, depth: int = DEPTH, seconds: float = 1.0, see
         dict: ``reads_per_s``, ``depth``, ``block``, ``direct`` (whether O_DIRECT bypassed the page cache),
         ``reads``, ``seconds``.
     """
-    size = os.path.getsize(path)
+    size = os.path.getsize(path) if span is None else min(span, os.path.getsize(path))
     blocks = size // BLOCK
     if blocks < 1:
         raise ValueError(f"{path} is {size} bytes, shorter than one {BLOCK}-byte block")
@@ -48,17 +52,22 @@ def random_read_rate(path: str, *, depth: int = DEPTH, seconds: float = 1.0, see
         drop_from_page_cache([path])
         fd, direct = os.open(path, os.O_RDONLY), False
     counts = [0] * depth
+    errors: list[BaseException] = []
     stop = threading.Event()
 
     def reader(k: int) -> None:
         buf = mmap.mmap(-1, BLOCK)  # page-aligned, as O_DIRECT wants
         offsets = np.random.default_rng([seed, k]).integers(0, blocks, 1 << 16) * BLOCK
         i = 0
-        while not stop.is_set():
-            os.preadv(fd, [buf], int(offsets[i % len(offsets)]))
-            i += 1
-        counts[k] = i
-        buf.close()
+        try:
+            while not stop.is_set():
+                os.preadv(fd, [buf], int(offsets[i % len(offsets)]))
+                i += 1
+        except OSError as e:
+            errors.append(e)
+        finally:
+            counts[k] = i
+            buf.close()
 
     threads = [threading.Thread(target=reader, args=(k,), name=f"mlkv-devprobe-{k}") for k in range(depth)]
     try:
@@ -73,6 +82,8 @@ def random_read_rate(path: str, *, depth: int = DEPTH, seconds: float = 1.0, see
     finally:
         stop.set()
         os.close(fd)
+    if errors:
+        raise errors[0]
     reads = sum(counts)
     return {
         "reads_per_s": reads / took,
@@ -85,22 +96,23 @@ def random_read_rate(path: str, *, depth: int = DEPTH, seconds: float = 1.0, see
 
 
 def misses_against_device(
-    read: Callable[[], int], path: str, evict: Callable[[], None], depth: int = DEPTH
+    read: Callable[[], int], path: str, evict: Callable[[], None], depth: int = DEPTH, span: int | None = None
 ) -> dict:
     """Time `read()` (it reads rows that all miss in memory and returns how many) between two
-    `random_read_rate` probes of `path` at `depth`, calling `evict()` (drop the files from the page cache)
-    before it. The device's rate drifts on a shared host, so the ratio is against the mean of the probes.
+    `random_read_rate` probes of `path` (bytes [0, span)) at `depth`, calling `evict()` (drop the files from
+    the page cache) before it. The device's rate drifts on a shared host, so the ratio is against the mean
+    of the probes.
 
     Returns:
         dict: ``rows``, ``rows_per_s``, ``device_reads_per_s`` (the mean of the probes),
         ``device_reads_per_s_before_after``, ``depth``, ``direct``, ``ratio_device`` (rows/s over reads/s).
     """
-    before = random_read_rate(path, depth=depth, seconds=1.0, seed=1)
+    before = random_read_rate(path, depth=depth, seconds=1.0, seed=1, span=span)
     evict()
     start = time.perf_counter()
     rows = read()
     took = time.perf_counter() - start
-    after = random_read_rate(path, depth=depth, seconds=1.0, seed=2)
+    after = random_read_rate(path, depth=depth, seconds=1.0, seed=2, span=span)
     device = (before["reads_per_s"] + after["reads_per_s"]) / 2
     return {
         "rows": rows,

@@ -530,7 +530,7 @@ def cold_read_child(spec: dict) -> dict:
             slab.file.drop_page_cache()
             evict_files(path)
 
-        out = misses_against_device(read, slab.file.path, evict, FAULT_THREADS)
+        out = misses_against_device(read, slab.file.path, evict, FAULT_THREADS, slab.file.reserved)
     return {**out, "distinct_pages": len(pages)}
 
 

@@ -5,8 +5,8 @@ memory tiers, the key indexes and everything else the process allocates; file-ba
 pages: the slab files' pages read or written through their mapping, and shared libraries. Used by
 `Store.stats()` and by a SlotFile deciding whether its mapped pages really grew past its window.
 `memory_for_files()` is how much a file read into the page cache could occupy without pushing out what
-the machine needs: MemAvailable (/proc/meminfo), capped by the memory limit of the process's cgroup (v1
-`memory.limit_in_bytes`, v2 `memory.max`), whose page cache counts against it.
+the machine needs: MemAvailable (/proc/meminfo), capped by the room left in the process's cgroup and its
+parents (limit - usage + reclaimable inactive file pages; v1 and v2), whose page cache counts against it.
 Thread-safe (reads of /proc and /sys files); about 20 us a call.
 """
 
@@ -28,42 +28,50 @@ def process_memory() -> tuple[int | None, int | None]:
     return found["RssAnon"], found.get("RssFile", 0) + found.get("RssShmem", 0)
 
 
-def _cgroup_limit() -> int | None:
-    """The smallest memory limit of this process's cgroup and its parents (v1 or v2), or None where there is
-    none or it is unknown."""
+def _read(path: str) -> str | None:
     try:
-        with open("/proc/self/cgroup") as f:
-            lines = [parts for line in f if len(parts := line.rstrip("\n").split(":", 2)) == 3]
+        with open(path) as f:
+            return f.read()
     except OSError:
         return None
+
+
+def _cgroup_room() -> int | None:
+    """The least room left in this process's cgroup and its parents (v1 or v2): limit - usage + the
+    inactive file pages the group may reclaim; None where no group has a limit or it is unknown."""
+    text = _read("/proc/self/cgroup")
+    if text is None:
+        return None
+    lines = [parts for line in text.splitlines() if len(parts := line.split(":", 2)) == 3]
     v1 = [path for _, controllers, path in lines if "memory" in controllers.split(",")]
     v2 = [path for h, controllers, path in lines if h == "0" and controllers == ""]
-    root, name, path = ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", v1[0]) if v1 else (
-        "/sys/fs/cgroup", "memory.max", v2[0] if v2 else None)  # fmt: skip
-    if path is None:
+    if v1:
+        root, files, path = "/sys/fs/cgroup/memory", ("memory.limit_in_bytes", "memory.usage_in_bytes"), v1[0]
+    elif v2:
+        root, files, path = "/sys/fs/cgroup", ("memory.max", "memory.current"), v2[0]
+    else:
         return None
     parts = [p for p in path.split("/") if p]
-    limits = []
+    rooms = []
     for depth in range(len(parts), -1, -1):
-        try:
-            with open(os.path.join(root, *parts[:depth], name)) as f:
-                text = f.read().strip()
-        except OSError:
-            continue
-        if text.isdigit() and int(text) < 1 << 60:  # "max" (v2) or a page-rounded 2**63 (v1): no limit
-            limits.append(int(text))
-    return min(limits, default=None)
+        group = os.path.join(root, *parts[:depth])
+        limit, usage = (_read(os.path.join(group, name)) for name in files)
+        if limit is None or usage is None or not limit.strip().isdigit() or int(limit) >= 1 << 60:
+            continue  # "max" (v2) or a page-rounded 2**63 (v1): no limit here
+        stat = dict(line.split() for line in (_read(os.path.join(group, "memory.stat")) or "").splitlines())
+        inactive = int(stat.get("total_inactive_file", stat.get("inactive_file", 0)))
+        rooms.append(max(0, int(limit) - int(usage) + inactive))
+    return min(rooms, default=None)
 
 
 def memory_for_files() -> int | None:
     """Bytes the page cache may take for a file without pushing out what the machine needs: MemAvailable,
-    capped by this process's cgroup memory limit; None where /proc/meminfo cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            found = [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
-    except (OSError, ValueError):
-        return None
+    capped by the room left in this process's cgroup; None where /proc/meminfo cannot be read."""
+    text = _read("/proc/meminfo")
+    found = [
+        int(line.split()[1]) * 1024 for line in (text or "").splitlines() if line.startswith("MemAvailable:")
+    ]
     if not found:
         return None
-    avail, limit = found[0], _cgroup_limit()
-    return avail if limit is None else min(avail, limit)
+    room = _cgroup_room()
+    return found[0] if room is None else min(found[0], room)

@@ -36,18 +36,19 @@ count alone turned every read of a 2M-row table into a page fault: its 540 MiB m
 Reads from the device: a read of a page that is not in the page cache is a page fault that waits for one
 device read, and a thread takes its faults one at a time, while a disk or SSD serves random reads many
 times faster with many in flight. A large read therefore gathers its first _PROBE rows in the calling
-thread and times them: when they took longer than page-cache hits do (_COLD_NS a row), the rest of the
-read is split over up to FAULT_THREADS threads of one process-wide pool (each a GIL-free gather of its
-part), so that many faults, hence device reads, are in flight at once. Reads served from the page cache
-stay on the calling thread: splitting them would only add hand-offs. The fault threads start on the first
-such read and stop when the process's last slot file closes.
+thread and checks whether any of them waited for the device (the thread's major-fault count, or where the
+OS keeps none, a time above _COLD_NS a row); if so, the rest of the read is split over up to FAULT_THREADS
+threads of one process-wide pool (each a GIL-free gather of its part), so that many faults, hence device
+reads, are in flight at once. Reads served from the page cache stay on the calling thread: splitting them
+would only add hand-offs. The fault threads start on the first such read and stop when the process's last
+slot file closes.
 
 A restarted job whose table is small next to free memory: random faults would bring it in one page at a
 time, while the device reads it sequentially many times faster. So the first read of an open file that
 finds it cold also starts, when the file's allocated bytes are at most READ_IN_SHARE of the memory the page
 cache may take (`memory_for_files`: MemAvailable capped by the cgroup's limit), a background read-in of the
-whole file (POSIX_FADV_WILLNEED in 8 MiB steps: the kernel reads ahead sequentially, nothing is copied or
-mapped). Once per open; close() stops it. A table larger than that share is left to the random reads.
+whole file (POSIX_FADV_WILLNEED in 128 KiB steps: the kernel reads ahead sequentially, nothing is copied
+or mapped). Once per open; close() stops it. A table larger than that share is left to the random reads.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ import contextlib
 import itertools
 import mmap
 import os
+import resource
 import struct
 import threading
 import time
@@ -83,20 +85,47 @@ _WRITE_MAPS = mmap.PAGESIZE
 _WRITE_BATCH = 1 << 16  # slots one step of `write` copies into records (17 MiB at dim 32 + Adagrad)
 _RESERVE_STEP = 1 << 20  # reservations are rounded up to this many bytes: one fallocate per MiB of growth
 FAULT_THREADS = 32  # device reads in flight for a read whose rows are not in the page cache (header)
-_PROBE = 32  # rows a large read gathers first, timed, to tell device reads from page-cache hits
-_COLD_NS = 4000  # a probe slower than this a row read from the device (a cached row: ~0.7-1.6 us)
+_PROBE = 32  # rows a large read gathers first, to tell device reads from page-cache hits
+_COLD_NS = 4000  # without a major-fault count: a probe slower than this a row read from the device
 _PART_ROWS = 16  # fewest rows one fault thread gathers
 READ_IN_SHARE = 0.125  # a cold file up to this share of memory_for_files() is read in whole (header)
-_READ_IN_STEP = 8 << 20  # bytes one POSIX_FADV_WILLNEED asks for (the kernel caps one call's read-ahead)
+_READ_IN_STEP = 128 << 10  # bytes one POSIX_FADV_WILLNEED asks for: the kernel reads at most the device's
+# read-ahead (read_ahead_kb, 128 KiB by default) or largest request per call, and ignores the rest
 
 _C1 = hash64(np.arange(1, 4097, dtype=np.uint64))
 _C2 = hash64(np.arange(5001, 9097, dtype=np.uint64)) | np.uint64(1)  # odd: every bit flip shows
 
 
+_RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", None)
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = 0
 _open_files = 0  # slot files open in this process: the last one to close stops the fault threads
 _pool_lock = threading.Lock()
+
+
+def _major_faults() -> int:
+    """Page faults of the calling thread that waited for the device (0 where the OS does not count them)."""
+    return resource.getrusage(_RUSAGE_THREAD).ru_majflt if _RUSAGE_THREAD is not None else 0
+
+
+def _probe_cold(faults: int, start_ns: int) -> bool:
+    """Whether a probe's rows came from the device: this thread's major faults (faults that waited for a
+    device read) grew since `faults`; where the OS does not count them, whether it took longer than _COLD_NS
+    a row since `start_ns` (which a wait for the GIL can also make it)."""
+    if _RUSAGE_THREAD is not None:
+        return _major_faults() > faults
+    return time.perf_counter_ns() - start_ns >= _PROBE * _COLD_NS
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of the parent's threads, and may have forked while another thread held the
+    lock: it starts with no pool, a fresh lock and no open files of its own."""
+    global _pool, _pool_lock, _open_files
+    _pool, _pool_lock, _open_files = None, threading.Lock(), 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _fault_pool() -> ThreadPoolExecutor:
@@ -114,8 +143,8 @@ def _fault_pool() -> ThreadPoolExecutor:
 def _count_open(delta: int) -> None:
     global _pool, _open_files
     with _pool_lock:
-        _open_files += delta
-        pool = _pool if _open_files <= 0 and _pool_pid == os.getpid() else None
+        _open_files = max(0, _open_files + delta)  # a child closing files it inherited counts none
+        pool = _pool if _open_files == 0 and _pool_pid == os.getpid() else None
         if pool is not None:
             _pool = None
     if pool is not None:
@@ -360,9 +389,9 @@ class SlotFile:
         n = len(keys)
         if n < 4 * _PROBE:
             return _gather(self.words, keys, slots, _C1, _C2, out)
-        start = time.perf_counter_ns()
+        faults, start = _major_faults(), time.perf_counter_ns()
         parts = [(0, _gather(self.words, keys[:_PROBE], slots[:_PROBE], _C1, _C2, out[:_PROBE]))]
-        if time.perf_counter_ns() - start < _PROBE * _COLD_NS:
+        if not _probe_cold(faults, start):
             parts.append((_PROBE, _gather(self.words, keys[_PROBE:], slots[_PROBE:], _C1, _C2, out[_PROBE:])))
         else:
             self._start_read_in()
@@ -528,11 +557,15 @@ class SlotFile:
         return os.fstat(self.fd).st_size
 
     def close(self) -> None:
+        if self._closing.is_set():
+            return
         self._closing.set()
         if self._read_in is not None:
             self._read_in.join()  # before the descriptor it advises on is closed (and maybe reused)
         self.slots = self.words = None
-        with contextlib.suppress(BufferError):  # a caller still holds a view; the mapping goes when it does
-            self.mm.close()
-        os.close(self.fd)
-        _count_open(-1)
+        try:
+            with contextlib.suppress(BufferError):  # a caller still holds a view; the mapping goes with it
+                self.mm.close()
+            os.close(self.fd)
+        finally:
+            _count_open(-1)

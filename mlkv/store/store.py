@@ -234,7 +234,7 @@ class Store:
         self._writeback = WriteBack(self._cond, self._apply_pending, limit)
         self._applier = Applier(self._cond, os.path.basename(os.path.normpath(path)) or "store")
         self._io: ThreadPoolExecutor | None = None
-        self._checkpointing = False
+        self._cuts = 0  # checkpoints and flushes in progress (`_cut`); row operations wait while > 0
         self._changed = False
         self._open = True
 
@@ -525,18 +525,21 @@ class Store:
             self._applier.drain()  # before the cut: a checkpoint holds every update submitted before it
             return self._checkpoint_locked(metadata)
 
+    @property
+    def _checkpointing(self) -> bool:
+        return self._cuts > 0
+
     @contextlib.contextmanager
     def _cut(self):
         """Row operations wait (`_enter`, `Table._wait_checkpoint`) while this runs, also while it releases
         the store lock to wait for the write-back queue: what it writes is one consistent cut (a checkpoint,
-        a flush). Nests."""
-        outer = self._checkpointing
-        self._checkpointing = True
+        a flush). Counted, so cuts of several threads may overlap and end in any order."""
+        self._cuts += 1
         try:
             yield
         finally:
-            self._checkpointing = outer
-            if not outer:
+            self._cuts -= 1
+            if self._cuts == 0:
                 self._cond.notify_all()
 
     def _checkpoint_locked(self, metadata: dict | None) -> int:

@@ -954,13 +954,16 @@ class Table:
         limit at a time, waiting for room before each (the store lock is released meanwhile, while row
         operations wait: `Store._cut`), so a flush of a GiB-sized tier copies a bounded amount at once
         instead of the whole tier. A resize meanwhile (a look-ahead admission) moves rows: the scan starts
-        again, and only rows still dirty are taken."""
+        again, and only rows still dirty are taken. A failed write-back queue stops the flush: the rows not
+        queued stay dirty in the tier (the caller's drain raises the failure)."""
         st, tier = self._store, self.tier
         per = max(1, st._writeback.limit_bytes // 2 // max(1, 4 * tier.width))
         with st._cut():
             first, moves = 0, tier.moves
             while first < tier.capacity:
                 st._writeback.wait_room(per * 4 * tier.width)
+                if st._writeback.error is not None:  # the queue stopped: rows stay dirty here, readable
+                    return  # (the caller's drain raises the failure)
                 if tier.moves != moves:  # rows moved while the lock was released
                     first, moves = 0, tier.moves
                 self._queue_write(*tier.take_dirty(first, per))
@@ -970,7 +973,7 @@ class Table:
         """Queue every dirty row for the engine and wait until it is there (durable at next checkpoint)."""
         st = self._store
         with st._lock:
-            st._check_open(self)
+            st._enter(self)  # after a checkpoint in progress, as every row operation
             if not st.readonly:
                 self._flush_locked()
                 st._writeback.drain(self.name)

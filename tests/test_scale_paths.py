@@ -459,6 +459,7 @@ def test_a_small_cold_file_is_read_in_whole_on_its_first_cold_read_and_close_sto
             f._read_in.join()
     finally:
         f.close()
+    assert f._advice == mmap.MADV_NORMAL  # faults meanwhile read around their page
     mine = [c for c in calls if c[0] == "mlkv-readin"]
     assert all(advice == os.POSIX_FADV_WILLNEED for *_, advice in mine)
     assert [off for _, off, _, _ in mine] == list(range(0, f.reserved, 128 << 10))  # once, in order
@@ -480,6 +481,7 @@ def test_a_cold_file_larger_than_its_share_of_memory_is_not_read_in(tmp_path, mo
         monkeypatch.setattr(slot_file, "_probe_cold", lambda faults, start: True)
         assert np.array_equal(f.read(keys[pick], pick), rows[pick])
         assert f._read_in_tried and f._read_in is None
+        assert f._advice == mmap.MADV_RANDOM  # a fault reads its own page only
     finally:
         f.close()
     assert not [c for c in calls if c[0] == "mlkv-readin"]

@@ -2,26 +2,48 @@
 
 `random_read_rate(path)` reads 4 KiB blocks at uniformly random aligned offsets of a file with O_DIRECT
 (nothing comes from the page cache, nothing is added to it), from `depth` threads that each keep one read
-in flight (os.preadv releases the GIL), for `seconds`: the rate a miss path could reach on this device at
-that depth. Where O_DIRECT is not supported (tmpfs) it reads through the page cache after dropping the
-file from it, and says so (`direct: False`). Nothing is written. `misses_against_device` times a read of
-rows that all miss in memory between two such probes.
+in flight (a compiled loop of libc `pread`, GIL released), for `seconds`: the rate a miss path could reach
+on this device at that depth. Where O_DIRECT is not supported (tmpfs) it reads through the page cache after
+dropping the file from it, and says so (`direct: False`). Nothing is written. `misses_against_device`
+times a read of rows that all miss in memory between two such probes.
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import threading
 import time
 from collections.abc import Callable
 
+import numba
 import numpy as np
 
 from ..durable_files import drop_from_page_cache
 
 BLOCK = 4096
 DEPTH = 32
+_STEP = 256  # reads one call of the compiled loop makes before the thread looks at the clock again
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_pread = _libc.pread
+_pread.restype = ctypes.c_ssize_t
+_pread.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_ssize_t]
+_errno = _libc.__errno_location
+_errno.restype = ctypes.POINTER(ctypes.c_int)
+_errno.argtypes = []
+
+
+@numba.njit(nogil=True, cache=False)
+def _read_blocks(fd, addr, offsets):
+    """pread BLOCK bytes at each offset into the buffer at `addr`, GIL released (a Python loop of preads
+    from 32 threads measures the GIL, not the device: 65K against 90K reads/s here). Returns the errno of
+    the first failed read, 0 if all succeeded."""
+    for i in range(offsets.shape[0]):
+        if _pread(fd, addr, BLOCK, offsets[i]) != BLOCK:
+            return max(1, _errno()[0])
+    return 0
 
 
 def random_read_rate(
@@ -56,19 +78,23 @@ def random_read_rate(
     stop = threading.Event()
 
     def reader(k: int) -> None:
-        buf = mmap.mmap(-1, BLOCK)  # page-aligned, as O_DIRECT wants
+        buf = np.frombuffer(mmap.mmap(-1, BLOCK), dtype=np.uint8)  # page-aligned, as O_DIRECT wants
         offsets = np.random.default_rng([seed, k]).integers(0, blocks, 1 << 16) * BLOCK
         i = 0
         try:
             while not stop.is_set():
-                os.preadv(fd, [buf], int(offsets[i % len(offsets)]))
-                i += 1
+                at = i % len(offsets)
+                failed = _read_blocks(fd, buf.ctypes.data, offsets[at : at + _STEP])
+                if failed:
+                    raise OSError(failed, f"pread of {path}: {os.strerror(failed)}")
+                i += len(offsets[at : at + _STEP])
         except OSError as e:
             errors.append(e)
         finally:
             counts[k] = i
-            buf.close()
 
+    scratch = np.frombuffer(mmap.mmap(-1, BLOCK), dtype=np.uint8)
+    _read_blocks(fd, scratch.ctypes.data, np.zeros(1, dtype=np.int64))  # compiled before the clock starts
     threads = [threading.Thread(target=reader, args=(k,), name=f"mlkv-devprobe-{k}") for k in range(depth)]
     try:
         start = time.perf_counter()

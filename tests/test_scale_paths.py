@@ -205,6 +205,34 @@ def test_checkpoint_of_a_bulk_load_snapshots_without_deduplicating_and_reopens_e
         eng.close()
 
 
+def test_a_bulk_load_past_the_log_keeps_no_keys_and_deletes_after_it_still_reopen_exactly(tmp_path):
+    """Once the epoch's new keys outgrow the log, the engine stops listing the keys it writes (the epoch
+    ends in a snapshot: 800 MB of keys at 100M rows); deleting most of them again in the same epoch does not
+    turn it back into a log record (which would then miss the keys): the reopen matches a dict model."""
+    path = str(tmp_path / "s")
+    rng = np.random.default_rng(4)
+    keys = np.unique(rng.integers(0, 2**64, 80_000, dtype=np.uint64))
+    rows = rng.integers(0, 256, (len(keys), 8), dtype=np.uint8)
+    eng = mlkv.engine.open_engine("slab", path)
+    eng.create_table("t", 8)
+    table = eng._tables["t"]
+    for i in range(0, len(keys), 10_000):
+        eng.write("t", keys[i : i + 10_000], rows[i : i + 10_000])
+    assert table.snapshot_due and sum(len(k) for k in table.changed) == 0
+    gone = np.arange(len(keys)) % 8 != 0  # 7/8 deleted: the keys new since the commit fit the log again
+    eng.delete("t", keys[gone])
+    eng.checkpoint({"checkpoint_id": 1})
+    eng.close()
+    assert read_manifest(path)["tables"]["t"]["has_snapshot"]
+    eng = mlkv.engine.open_engine("slab", path, readonly=True)
+    try:
+        got, found = eng.read("t", keys)
+        assert np.array_equal(found, ~gone) and np.array_equal(got[~gone], rows[~gone])
+        assert eng.verify() == []
+    finally:
+        eng.close()
+
+
 def _rss_file() -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssFile:"))

@@ -161,7 +161,8 @@ class _SlabTable:
             self.frozen[s] = True
         self.free = np.flatnonzero(~self.frozen[: self.n_slots])
         self.pending_free: list[np.ndarray] = []
-        self.changed: list[np.ndarray] = []
+        self.changed: list[np.ndarray] = []  # keys written or deleted this epoch (see _note_changed)
+        self.snapshot_due = False  # this epoch ends in a snapshot: `changed` need not list its keys
         self.has_snapshot = bool(state and state["has_snapshot"])
 
     def _path(self, suffix: str) -> str:
@@ -219,7 +220,7 @@ class _SlabTable:
             slots[shadow] = fresh
             self.index.assign(keys[shadow], fresh)
         self.file.write(keys, slots, rows)
-        self.changed.append(keys.copy())
+        self._note_changed(keys)
 
     def delete(self, keys: np.ndarray) -> None:
         old = self.index.remove(keys)
@@ -227,7 +228,22 @@ class _SlabTable:
         frozen = self.frozen[old]
         self.pending_free.append(old[frozen])
         self.free = np.concatenate([self.free, old[~frozen]])
+        self._note_changed(keys)
+
+    def _log_limit(self) -> int:
+        """Bytes the index log may hold before the next checkpoint writes a snapshot instead."""
+        return max(16 * self.snapshot_pairs, _MIN_LOG_BYTES)
+
+    def _note_changed(self, keys: np.ndarray) -> None:
+        """Remember the keys for this epoch's log record. Once the keys new since the last commit alone
+        outgrow the log, the epoch ends in a snapshot of every live pair (decided now, for good: later
+        deletes cannot undo it), so the keys need not be kept (a bulk load of 100M keys kept 800 MB)."""
+        if self.snapshot_due:
+            return
         self.changed.append(keys.copy())
+        if self.log_len + 16 * (len(self.index) - self.rows_committed) > self._log_limit():
+            self.snapshot_due = True
+            self.changed = [np.empty(0, np.uint64)]  # non-empty: the epoch has changes
 
     def read(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         slots = self.index.lookup(keys)
@@ -243,11 +259,12 @@ class _SlabTable:
             return
         self.file.sync()
         crash_point("slab:after_sync")
-        limit = max(16 * self.snapshot_pairs, _MIN_LOG_BYTES)
+        limit = self._log_limit()
         # the keys live now but not at the last commit changed: when they alone outgrow the log, the
         # snapshot is due without deduplicating every key written (a bulk load: 100M keys, ~7 GB)
         grown = len(self.index) - self.rows_committed
-        keys = None if self.log_len + 16 * grown > limit else unique_keys(np.concatenate(self.changed))
+        due = self.snapshot_due or self.log_len + 16 * grown > limit
+        keys = None if due else unique_keys(np.concatenate(self.changed))
         if keys is None or self.log_len + 16 * len(keys) > limit:
             live_k, live_s = self.index.items()
             gen = self.gen + 1
@@ -275,6 +292,7 @@ class _SlabTable:
                 self.retired.append((prev_seq, np.concatenate(self.pending_free)))
             self.pending_free.clear()
             self.changed.clear()
+            self.snapshot_due = False
             self.rows_committed = len(self.index)
         if any(seq < oldest_seq for seq, _ in self.retired):
             old = [s for seq, s in self.retired if seq < oldest_seq]

@@ -235,7 +235,8 @@ class KeyIndex:
         cap = len(self.vals)
         while cap < 2 * need:
             cap *= 2
-        self._alloc(cap)
+        self.table = self.keys = self.vals = None  # the old table goes before the new one is allocated:
+        self._alloc(cap)  # peak = live pairs + new table, not + the old table too (2 GiB more at 67M keys)
         _insert(self.keys, self.vals, self._shift, keys, vals)
         self.live = len(keys)
 

@@ -170,15 +170,33 @@ def test_index_load_of_snapshot_and_log_matches_a_dict_model(tmp_path):
     assert np.array_equal(only_k, keys) and np.array_equal(only_s, np.arange(5000))
 
 
+def _bulk_engine(path: str, seed: int, n: int):
+    """(keys, rows, engine): up to n distinct random keys with 8-byte rows, and a slab engine at `path`
+    with an empty table "t" of that width."""
+    rng = np.random.default_rng(seed)
+    keys = np.unique(rng.integers(0, 2**64, n, dtype=np.uint64))
+    rows = rng.integers(0, 256, (len(keys), 8), dtype=np.uint8)
+    eng = mlkv.engine.open_engine("slab", path)
+    eng.create_table("t", 8)
+    return keys, rows, eng
+
+
+def _assert_reopens_with(path: str, keys: np.ndarray, rows: np.ndarray, live: np.ndarray) -> None:
+    """Reopened readonly, table "t" holds rows[live] under keys[live], no other of `keys`, and verifies."""
+    eng = mlkv.engine.open_engine("slab", path, readonly=True)
+    try:
+        got, found = eng.read("t", keys)
+        assert np.array_equal(found, live) and np.array_equal(got[live], rows[live])
+        assert eng.verify() == []
+    finally:
+        eng.close()
+
+
 def test_checkpoint_of_a_bulk_load_snapshots_without_deduplicating_and_reopens_exactly(tmp_path, monkeypatch):
     """70,000 new keys outgrow the 1 MiB log: the snapshot is written without a dedup of every key
     written (the keys the epoch added prove it is due); the next, small epoch goes to the log."""
     path = str(tmp_path / "s")
-    rng = np.random.default_rng(2)
-    keys = np.unique(rng.integers(0, 2**64, 70_000, dtype=np.uint64))
-    rows = rng.integers(0, 256, (len(keys), 8), dtype=np.uint8)
-    eng = mlkv.engine.open_engine("slab", path)
-    eng.create_table("t", 8)
+    keys, rows, eng = _bulk_engine(path, 2, 70_000)
     for i in range(0, len(keys), 10_000):
         eng.write("t", keys[i : i + 10_000], rows[i : i + 10_000])
         eng.write("t", keys[i : i + 10], rows[i : i + 10])  # rewrites: the write list repeats keys
@@ -194,15 +212,9 @@ def test_checkpoint_of_a_bulk_load_snapshots_without_deduplicating_and_reopens_e
     eng.close()
     state = read_manifest(path)["tables"]["t"]
     assert state["log_len"] > 0 and state["rows"] == len(keys) - 2
-    eng = mlkv.engine.open_engine("slab", path, readonly=True)
-    try:
-        got, found = eng.read("t", keys)
-        live = np.ones(len(keys), dtype=bool)
-        live[5:7] = False
-        assert np.array_equal(found, live) and np.array_equal(got[live], rows[live])
-        assert eng.verify() == []
-    finally:
-        eng.close()
+    live = np.ones(len(keys), dtype=bool)
+    live[5:7] = False
+    _assert_reopens_with(path, keys, rows, live)
 
 
 def test_a_bulk_load_past_the_log_keeps_no_keys_and_deletes_after_it_still_reopen_exactly(tmp_path):
@@ -210,11 +222,7 @@ def test_a_bulk_load_past_the_log_keeps_no_keys_and_deletes_after_it_still_reope
     ends in a snapshot: 800 MB of keys at 100M rows); deleting most of them again in the same epoch does not
     turn it back into a log record (which would then miss the keys): the reopen matches a dict model."""
     path = str(tmp_path / "s")
-    rng = np.random.default_rng(4)
-    keys = np.unique(rng.integers(0, 2**64, 80_000, dtype=np.uint64))
-    rows = rng.integers(0, 256, (len(keys), 8), dtype=np.uint8)
-    eng = mlkv.engine.open_engine("slab", path)
-    eng.create_table("t", 8)
+    keys, rows, eng = _bulk_engine(path, 4, 80_000)
     table = eng._tables["t"]
     for i in range(0, len(keys), 10_000):
         eng.write("t", keys[i : i + 10_000], rows[i : i + 10_000])
@@ -224,13 +232,7 @@ def test_a_bulk_load_past_the_log_keeps_no_keys_and_deletes_after_it_still_reope
     eng.checkpoint({"checkpoint_id": 1})
     eng.close()
     assert read_manifest(path)["tables"]["t"]["has_snapshot"]
-    eng = mlkv.engine.open_engine("slab", path, readonly=True)
-    try:
-        got, found = eng.read("t", keys)
-        assert np.array_equal(found, ~gone) and np.array_equal(got[~gone], rows[~gone])
-        assert eng.verify() == []
-    finally:
-        eng.close()
+    _assert_reopens_with(path, keys, rows, ~gone)
 
 
 def _rss_file() -> int:

@@ -101,7 +101,6 @@ _C2 = hash64(np.arange(5001, 9097, dtype=np.uint64)) | np.uint64(1)  # odd: ever
 
 _RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", None)
 _pool: ThreadPoolExecutor | None = None
-_pool_pid = 0
 _open_files = 0  # slot files open in this process: the last one to close stops the fault threads
 _pool_lock = threading.Lock()
 
@@ -132,14 +131,13 @@ if hasattr(os, "register_at_fork"):
 
 
 def _fault_pool() -> ThreadPoolExecutor:
-    """The process-wide pool of FAULT_THREADS threads that take device reads' page faults together (one per
-    process: a forked child makes its own, as the parent's threads do not exist in it). Its threads start
-    on the first read from the device and stop when the last slot file of the process closes."""
-    global _pool, _pool_pid
+    """The process-wide pool of FAULT_THREADS threads that take device reads' page faults together (a forked
+    child makes its own: `_after_fork_in_child`). Its threads start on the first read from the device and
+    stop when the last slot file of the process closes."""
+    global _pool
     with _pool_lock:
-        if _pool is None or _pool_pid != os.getpid():
+        if _pool is None:
             _pool = ThreadPoolExecutor(FAULT_THREADS, thread_name_prefix="mlkv-fault")
-            _pool_pid = os.getpid()
         return _pool
 
 
@@ -147,7 +145,7 @@ def _count_open(delta: int) -> None:
     global _pool, _open_files
     with _pool_lock:
         _open_files = max(0, _open_files + delta)  # a child closing files it inherited counts none
-        pool = _pool if _open_files == 0 and _pool_pid == os.getpid() else None
+        pool = _pool if _open_files == 0 else None
         if pool is not None:
             _pool = None
     if pool is not None:
@@ -291,7 +289,7 @@ class SlotFile:
         except BaseException:
             os.close(self.fd)
             raise
-        self._read_in_lock = threading.Lock()  # (_advice: set before _map, which applies it)
+        self._read_in_lock = threading.Lock()
         self._read_in: threading.Thread | None = None  # the background read-in, once per open
         self._read_in_tried = False
         self._closing = threading.Event()

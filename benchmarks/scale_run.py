@@ -36,12 +36,10 @@ import time
 import numpy as np
 
 import mlkv
-from mlkv.bench.device_rate import misses_against_device
+from mlkv.bench.device_rate import cold_get_against_device
 from mlkv.durable_files import drop_from_page_cache
-from mlkv.engine import slot_file
 from mlkv.engine.key_index import hash64
 from mlkv.engine.process_memory import process_memory
-from mlkv.engine.slot_file import FAULT_THREADS
 
 CHUNK = 8 << 20
 
@@ -129,26 +127,9 @@ def run_cli(*argv: str) -> tuple[float, dict]:
 def cold_get(store, args) -> dict:
     """`get` of --cold-keys random known keys, files evicted, between two probes of the device's random-read
     rate at the slab's fault-thread depth (mlkv.bench.device_rate)."""
-    table = store.table("emb")
-    slab = store._engine._tables["emb"].file  # a benchmark may look inside: the slot file
     ids = np.random.default_rng(3).choice(args.rows, min(args.cold_keys, args.rows), replace=False)
-    keys = hash64(ids.astype(np.uint64))
-
-    def read() -> int:
-        for lo in range(0, len(keys), 4096):
-            table.get(keys[lo : lo + 4096], track=False)
-        return len(keys)
-
-    def evict() -> None:
-        slab.drop_page_cache()
-        drop_from_page_cache(store_files(args.path))
-
-    read_in, slot_file.READ_IN_SHARE = slot_file.READ_IN_SHARE, 0.0  # random reads, no whole-file read-in
-    try:
-        table.get(hash64(np.arange(256, dtype=np.uint64)), track=False)  # untimed: kernels, fault threads
-        return misses_against_device(read, slab.path, evict, FAULT_THREADS, slab.reserved)
-    finally:
-        slot_file.READ_IN_SHARE = read_in
+    warm = hash64(np.arange(256, dtype=np.uint64))  # untimed: kernels, fault threads
+    return cold_get_against_device(store.table("emb"), hash64(ids.astype(np.uint64)), warm_keys=warm)
 
 
 def main() -> None:

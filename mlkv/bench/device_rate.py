@@ -149,3 +149,37 @@ def misses_against_device(
         "direct": before["direct"],
         "ratio_device": rows / took / device,
     }
+
+
+def cold_get_against_device(table, keys: np.ndarray, batch: int = 4096, warm_keys=None) -> dict:
+    """Misses of a slab table against the device: with the store's files evicted, `table.get` (untracked)
+    of `keys` in batches, between two probes of the table's slot file. Random reads only: the whole-file
+    read-in of a small cold table is off meanwhile. `warm_keys`, read untimed first (files evicted), load
+    the kernels and start the fault threads. A benchmark helper: it looks inside the store for the file.
+
+    Returns:
+        dict: what `misses_against_device` returns.
+    """
+    from ..engine import slot_file
+    from .timing import evict_files
+
+    store = table.store
+    file = store._engine._tables[table.name].file
+    read_in, slot_file.READ_IN_SHARE = slot_file.READ_IN_SHARE, 0.0
+    try:
+
+        def evict() -> None:
+            file.drop_page_cache()
+            evict_files(store.path)
+
+        def read() -> int:
+            for lo in range(0, len(keys), batch):
+                table.get(keys[lo : lo + batch], track=False)
+            return len(keys)
+
+        if warm_keys is not None:
+            evict()
+            table.get(warm_keys, track=False)
+        return misses_against_device(read, file.path, evict, slot_file.FAULT_THREADS, file.reserved)
+    finally:
+        slot_file.READ_IN_SHARE = read_in

@@ -501,13 +501,11 @@ def cold_read_child(spec: dict) -> dict:
     needed at least."""
     _join_cgroup(spec.get("cgroup"))
     import mlkv
-    from mlkv.engine import slot_file
-    from mlkv.engine.slot_file import FAULT_THREADS, HEADER_BYTES
+    from mlkv.engine.slot_file import HEADER_BYTES
 
-    from .device_rate import misses_against_device
+    from .device_rate import cold_get_against_device
 
     cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["cfg"].items()})
-    slot_file.READ_IN_SHARE = 0.0  # random reads: no whole-file read-in of a small cold table
     path = os.path.join(spec["root"], "slab")
     rng = np.random.default_rng(cfg.seed + 7)
     rows = rng.choice(cfg.rows, min(COLD_READ_ROWS, cfg.rows), replace=False)
@@ -516,21 +514,9 @@ def cold_read_child(spec: dict) -> dict:
     cache = max(1 << 20, int(min(cfg.budgets) * table_bytes(cfg)))
     with mlkv.open(path, cache_bytes=cache) as store:
         table = store.table(TABLE, optimizer=_mlkv_optimizer(cfg))
-        slab = store._engine._tables[TABLE]  # a benchmark may look inside: the file and the rows' slots
+        slab = store._engine._tables[TABLE]  # a benchmark may look inside: the rows' slots
         pages = np.unique((HEADER_BYTES + slab.index.lookup(keys) * slab.file.slot_bytes) // 4096)
-        evict_files(path)
-        table.get(others, track=False)  # untimed: loads the kernels and starts the fault threads
-
-        def read() -> int:
-            for lo in range(0, len(keys), cfg.batch):
-                table.get(keys[lo : lo + cfg.batch], track=False)
-            return len(keys)
-
-        def evict() -> None:
-            slab.file.drop_page_cache()
-            evict_files(path)
-
-        out = misses_against_device(read, slab.file.path, evict, FAULT_THREADS, slab.file.reserved)
+        out = cold_get_against_device(table, keys, cfg.batch, warm_keys=others)
     return {**out, "distinct_pages": len(pages)}
 
 

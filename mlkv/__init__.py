@@ -17,7 +17,7 @@ from .errors import (
     StoreLockedError,
 )
 from .store import Store, Table
-from .store.store import rollback
+from .store.store import DEFAULT_IO_THREADS, rollback
 
 
 def open(  # noqa: A001 - mlkv.open is the public name, as in the design contract
@@ -29,7 +29,7 @@ def open(  # noqa: A001 - mlkv.open is the public name, as in the design contrac
     staleness_timeout: float = 60.0,
     create: bool = True,
     readonly: bool = False,
-    io_threads: int = 4,
+    io_threads: int = DEFAULT_IO_THREADS,
     keep_checkpoints: int | None = None,
     checkpoint: int | None = None,
 ) -> Store:
@@ -65,7 +65,8 @@ def open(  # noqa: A001 - mlkv.open is the public name, as in the design contrac
             :class:`ReadOnlyError`; keys never stored read as their ``init`` rows without being created.
             Default: ``False``.
         io_threads (int): threads that read rows announced by ``Table.lookahead`` in the background.
-            Default: ``4``.
+            Default: one per core, at most 4 (more would take the training thread's cores; cold reads get
+            their device depth from the engine's own fault threads).
         keep_checkpoints (int, optional): how many of the last checkpoints the store keeps (``>= 1``);
             ``store.checkpoints()`` lists them and :func:`mlkv.rollback` returns to one. Given to a
             writable open, the value is stored with the store (lowering it drops the oldest at once);

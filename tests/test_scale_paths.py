@@ -252,18 +252,26 @@ def _read_all_randomly(f: slot_file.SlotFile, keys: np.ndarray, rows: np.ndarray
     return grown
 
 
+def _unmapped(f: slot_file.SlotFile) -> None:
+    """Start a measurement from nothing of `f` mapped."""
+    f.mm.madvise(mmap.MADV_DONTNEED)
+    f._mapped_base = process_memory()[1]
+
+
 def test_slot_file_unmaps_its_pages_past_the_window_and_keeps_every_byte(tmp_path, monkeypatch):
-    """Random reads of a 27 MB slot file: with a 4 MiB window RssFile stays near it; without, it grows to
-    the file's size. Rows written before a trim unmapped their dirty pages read back, and survive a
-    reopen after sync."""
+    """Random reads of a 27 MB slot file that is large next to memory (READ_IN_SHARE 0): with a 4 MiB
+    window RssFile stays near it; without, it grows to the file's size. Rows written before a trim
+    unmapped their dirty pages read back, and survive a reopen after sync."""
     n, path = 100_000, str(tmp_path / "t.slab")
     keys = np.arange(n, dtype=np.uint64) * 7919
     rows = np.random.default_rng(4).integers(0, 256, (n, 256), dtype=np.uint8)
     monkeypatch.setattr(slot_file, "MAPPED_WINDOW_BYTES", 4 << 20)
+    monkeypatch.setattr(slot_file, "READ_IN_SHARE", 0.0)
     f = slot_file.SlotFile(path, 256, table_id=0)
     f.ensure_capacity(n)
     for i in range(0, n, 1000):
         f.write(keys[i : i + 1000], np.arange(i, i + 1000), rows[i : i + 1000])
+    _unmapped(f)
     assert _read_all_randomly(f, keys, rows) < 10 << 20
     f.sync()
     f.close()
@@ -271,9 +279,39 @@ def test_slot_file_unmaps_its_pages_past_the_window_and_keeps_every_byte(tmp_pat
     monkeypatch.setattr(slot_file, "MAPPED_WINDOW_BYTES", 1 << 40)
     f = slot_file.SlotFile(path, 256, table_id=0)
     try:
+        _unmapped(f)
         assert _read_all_randomly(f, keys, rows) > 20 << 20  # the oracle: every page stays mapped
     finally:
         f.close()
+
+
+def test_slot_file_small_next_to_memory_stays_mapped_whole(tmp_path, monkeypatch):
+    """A file within READ_IN_SHARE of the memory for files is never unmapped, whatever the window: after
+    one pass of random reads maps it, a second pass takes (almost) no page faults. The same file counted
+    as large (READ_IN_SHARE 0) keeps dropping its pages and faults again throughout the second pass."""
+    import resource
+
+    n, path = 100_000, str(tmp_path / "t.slab")
+    keys = np.arange(n, dtype=np.uint64) * 7919
+    rows = np.random.default_rng(6).integers(0, 256, (n, 256), dtype=np.uint8)
+    monkeypatch.setattr(slot_file, "MAPPED_WINDOW_BYTES", 4 << 20)
+    f = slot_file.SlotFile(path, 256, table_id=0)
+    try:
+        f.ensure_capacity(n)
+        f.write(keys, np.arange(n), rows)
+        faults = {}
+        for share in (1.0, 0.0):
+            monkeypatch.setattr(slot_file, "READ_IN_SHARE", share)
+            _unmapped(f)
+            grown = _read_all_randomly(f, keys, rows)
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            _read_all_randomly(f, keys, rows)
+            faults[share] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+            if share:
+                assert grown > 20 << 20, grown  # the whole 27 MB file mapped
+    finally:
+        f.close()
+    assert faults[1.0] < 200 and faults[0.0] > 1000, faults
 
 
 @pytest.mark.parametrize("other_mapping", [False, True])
@@ -290,6 +328,7 @@ def test_slot_file_keeps_its_pages_mapped_while_the_rss_they_add_is_below_the_wi
     n, path = 256_000, str(tmp_path / "t.slab")
     keys = np.arange(n, dtype=np.uint64) * 7919
     rows = np.random.default_rng(5).integers(0, 256, (n, 256), dtype=np.uint8)
+    monkeypatch.setattr(slot_file, "READ_IN_SHARE", 0.0)  # a file large next to memory: the window applies
     monkeypatch.setattr(slot_file, "MAPPED_WINDOW_BYTES", 16 << 20)
     f = slot_file.SlotFile(path, 256, table_id=0)
     other = None
@@ -298,8 +337,7 @@ def test_slot_file_keeps_its_pages_mapped_while_the_rss_they_add_is_below_the_wi
         for i in range(0, n, 8000):
             f.write(keys[i : i + 8000], np.arange(i, i + 8000), rows[i : i + 8000])
         f.sync()
-        f.mm.madvise(mmap.MADV_DONTNEED)  # start from nothing mapped
-        f._mapped_base = process_memory()[1]
+        _unmapped(f)
         hot = np.arange(0, n, n // 64)[:64]  # 64 rows on 64 different pages: ~4 MiB mapped with fault-around
         assert np.array_equal(f.read(keys[hot], hot), rows[hot])
         if other_mapping:

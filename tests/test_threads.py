@@ -10,6 +10,7 @@ by a short `staleness_timeout`, so a bug fails a test instead of hanging it.
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 import threading
@@ -393,3 +394,15 @@ def test_delete_waits_for_a_read_holding_the_row(engine, tmp_path, store_factory
     assert not t.contains(np.array([1]))[0]
     np.testing.assert_array_equal(t.get(np.array([2]), track=False), np.full((1, DIM), 2.0, np.float32))
     assert len(t) == 1
+
+
+def test_open_sizes_the_lookahead_pool_to_the_cores(tmp_path):
+    """mlkv.open and Store agree: one I/O thread per core, at most 4, and the pool really has that many."""
+    from mlkv.store.store import DEFAULT_IO_THREADS
+
+    assert DEFAULT_IO_THREADS == max(1, min(4, os.cpu_count() or 1))
+    with mlkv.open(tmp_path / "s", cache_bytes="1MiB") as store:
+        assert store.io_threads == DEFAULT_IO_THREADS
+        assert store._io_pool()._max_workers == DEFAULT_IO_THREADS
+    with mlkv.open(tmp_path / "t", cache_bytes="1MiB", io_threads=3) as store:
+        assert store.io_threads == 3

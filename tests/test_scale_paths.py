@@ -652,3 +652,44 @@ def test_a_snapshot_is_written_from_the_pairs_without_copying_them_and_byte_for_
         with open(path, "rb") as f:
             assert f.read() == index_log._pack(index_log.SNAP_MAGIC, 7, keys, slots, 3)
         assert peak < (1 << 20) + n  # the pairs are 16 * n bytes
+
+
+@pytest.mark.parametrize("n", [0, 1, 5000, 300_000])
+def test_a_snapshot_streamed_from_the_key_index_is_the_record_of_its_items(tmp_path, n):
+    """A checkpoint's snapshot comes part by part from the index table (`live_parts`), never as a copy of
+    every pair: the file equals the `_pack` record of `items()`, and the writer holds about one part."""
+    import functools
+    import tracemalloc
+
+    from mlkv.engine.key_index import KeyIndex
+
+    rng = np.random.default_rng(n + 1)
+    keys = np.unique(rng.integers(0, 2**64 - 1, n, dtype=np.uint64))
+    index = KeyIndex()
+    index.insert_new(keys, rng.integers(0, 10**7, len(keys)))
+    index.remove(keys[::7])  # holes and tombstones inside the parts
+    live_k, live_s = index.items()
+    path = str(tmp_path / "t.snap")
+    positions = 1 << 12  # many parts of a small table
+    tracemalloc.start()
+    try:
+        index_log.write_snapshot_parts(
+            path, 9, len(index), functools.partial(index.live_parts, positions), table_id=5
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    with open(path, "rb") as f:
+        assert f.read() == index_log._pack(index_log.SNAP_MAGIC, 9, live_k, live_s, 5)
+    assert peak < (1 << 20) + 17 * positions  # one part's pairs and mask; all the pairs are 16 * n bytes
+    assert sum(len(k) for k, _ in index.live_parts()) == len(index)
+
+
+def test_a_snapshot_whose_parts_disagree_with_the_count_is_removed(tmp_path):
+    """A writer that announces n pairs and streams another number raises and leaves no file."""
+    path = tmp_path / "t.snap"
+    k, s = np.arange(10, dtype=np.uint64), np.arange(10)
+    for n in (9, 11):
+        with pytest.raises(ValueError, match="announced"):
+            index_log.write_snapshot_parts(str(path), 1, n, lambda: iter([(k, s)]), table_id=0)
+        assert not path.exists()

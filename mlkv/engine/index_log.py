@@ -80,20 +80,37 @@ def write_snapshot(path: str, ckpt: int, keys: np.ndarray, slots: np.ndarray, *,
     of 100M keys is 1.6 GB; packing it into one bytes object took two more such copies)."""
     keys = np.ascontiguousarray(keys.view(np.uint64) if keys.dtype == np.int64 else keys, dtype=np.uint64)
     slots = np.ascontiguousarray(slots, dtype=np.int64)
-    parts = [memoryview(keys).cast("B"), memoryview(slots).cast("B")]
-    crc = zlib.crc32(parts[1], zlib.crc32(parts[0]))
-    head = _REC.pack(SNAP_MAGIC, VERSION, ckpt, len(keys), crc, table_id)
-    head += struct.pack("<I", zlib.crc32(head))
-    size = len(head) + 16 * len(keys)
+    write_snapshot_parts(path, ckpt, len(keys), lambda: iter([(keys, slots)]), table_id=table_id)
+
+
+def write_snapshot_parts(path: str, ckpt: int, n: int, parts, *, table_id: int) -> None:
+    """The record `_pack` would make of `n` pairs that `parts()` yields as (keys, slots) arrays, in order,
+    the same each time it is called (it is called twice: the CRC covers every key before the first slot).
+    No more than one part is held at a time: a key index streams its pairs straight from its table
+    (`KeyIndex.live_parts`), so a snapshot of 100M keys does not copy the 1.6 GB of pairs first."""
+    head_bytes = _REC.size + 4
+    size = head_bytes + 16 * n
     try:
         with storage_errors(path, "writing an index snapshot", size):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             with storage_errors(path, "writing an index snapshot", size):
-                offset = 0
-                for part in (head, *parts):
-                    pwrite_all(fd, part, offset)
-                    offset += len(part)
+                crc, done = 0, 0
+                for k, s in parts():
+                    k = np.ascontiguousarray(k.view(np.uint64) if k.dtype == np.int64 else k, dtype=np.uint64)
+                    s = np.ascontiguousarray(s, dtype=np.int64)
+                    if done + len(k) > n:
+                        raise ValueError(f"snapshot parts hold more than the {n} pairs announced")
+                    crc = zlib.crc32(memoryview(k).cast("B"), crc)
+                    pwrite_all(fd, memoryview(k).cast("B"), head_bytes + 8 * done)
+                    pwrite_all(fd, memoryview(s).cast("B"), head_bytes + 8 * (n + done))
+                    done += len(k)
+                if done != n:
+                    raise ValueError(f"snapshot parts hold {done} pairs, {n} announced")
+                for _, s in parts():  # the slots' CRC continues the keys'
+                    crc = zlib.crc32(memoryview(np.ascontiguousarray(s, dtype=np.int64)).cast("B"), crc)
+                head = _REC.pack(SNAP_MAGIC, VERSION, ckpt, n, crc, table_id)
+                pwrite_all(fd, head + struct.pack("<I", zlib.crc32(head)), 0)
             with storage_errors(path, "syncing an index snapshot", size, sync=True):
                 os.fsync(fd)
         finally:

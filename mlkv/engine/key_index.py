@@ -14,6 +14,8 @@ Memory: 16 bytes per table position, 32-64 bytes per live key.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numba
 import numpy as np
 
@@ -226,6 +228,14 @@ class KeyIndex:
         """All live (keys, values), in table order."""
         live = self.vals != EMPTY
         return self.keys[live], self.vals[live]
+
+    def live_parts(self, positions: int = 1 << 22) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The live (keys, values) of `items()`, in the same order, in parts of at most `positions` table
+        positions each: what a caller streams (a snapshot) holds one part at a time, not every pair."""
+        for lo in range(0, len(self.vals), positions):
+            vals = self.vals[lo : lo + positions]
+            live = vals != EMPTY
+            yield self.keys[lo : lo + positions][live], vals[live]
 
     def clear(self) -> None:
         self._alloc(_MIN_CAPACITY)

@@ -400,7 +400,7 @@ def test_open_sizes_the_lookahead_pool_to_the_cores(tmp_path):
     """mlkv.open and Store agree: one I/O thread per core, at most 4, and the pool really has that many."""
     from mlkv.store.store import DEFAULT_IO_THREADS
 
-    assert DEFAULT_IO_THREADS == max(1, min(4, os.cpu_count() or 1))
+    assert max(1, min(4, os.cpu_count() or 1)) == DEFAULT_IO_THREADS
     with mlkv.open(tmp_path / "s", cache_bytes="1MiB") as store:
         assert store.io_threads == DEFAULT_IO_THREADS
         assert store._io_pool()._max_workers == DEFAULT_IO_THREADS

@@ -21,7 +21,9 @@ and `--warmup` untimed steps first) and cold (a restarted job: files dropped fro
 fsync + POSIX_FADV_DONTNEED, no warm-up). Each run is a separate process, so its peak resident memory,
 anonymous (RssAnon) and file-backed (RssFile, the pages of mapped files), is its own; with `--repeats`
 the runs are repeated in alternating order and medians reported. `--memory-limit` runs them in a cgroup v1
-memory group (root only) so a table larger than the page cache may keep can be tried without huge files.
+memory group (root only) so a table larger than the page cache may keep can be tried without huge files;
+every file is dropped from the page cache before each run, as a page is charged to the group that first
+cached it (pages the load left cached would sit outside the limit).
 With the cold regime or `--memory-limit` (where misses go to the device) the run also measures how fast
 misses are served against what the device can do, in one child process: the device's random 4 KiB read
 rate with O_DIRECT at the depth of the slab's fault threads (`device_rate`), then `get` of
@@ -605,6 +607,11 @@ def run_train_bench(cfg: TrainConfig) -> dict:
                 if i in skipped:
                     continue
                 step(f"repeat {rep + 1}/{cfg.repeats}: {runs[i].regime} {runs[i].label}")
+                if group:
+                    # a page is charged to the cgroup that first brought it into the page cache: the pages
+                    # the load (or an earlier run) left cached would let the run keep the whole table in
+                    # memory outside its limit (torch-mmap read 47K samples/s instead of thrashing at 6.5K)
+                    evict_files(root)
                 spec = {
                     "cfg": asdict(cfg),
                     "run": asdict(runs[i]),

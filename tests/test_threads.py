@@ -397,12 +397,14 @@ def test_delete_waits_for_a_read_holding_the_row(engine, tmp_path, store_factory
 
 
 def test_open_sizes_the_lookahead_pool_to_the_cores(tmp_path):
-    """mlkv.open and Store agree: one I/O thread per core, at most 4, and the pool really has that many."""
-    from mlkv.store.store import DEFAULT_IO_THREADS
+    """mlkv.open and Store agree on the default: one I/O thread per core this process may run on, at
+    most 4, and the pool really has that many."""
+    import inspect
 
-    assert max(1, min(4, os.cpu_count() or 1)) == DEFAULT_IO_THREADS
+    defaults = [inspect.signature(f).parameters["io_threads"].default for f in (mlkv.open, mlkv.Store)]
+    assert defaults[0] == defaults[1]
     with mlkv.open(tmp_path / "s", cache_bytes="1MiB") as store:
-        assert store.io_threads == DEFAULT_IO_THREADS
-        assert store._io_pool()._max_workers == DEFAULT_IO_THREADS
+        assert store.io_threads == min(4, len(os.sched_getaffinity(0)))
+        assert store._io_pool()._max_workers == store.io_threads
     with mlkv.open(tmp_path / "t", cache_bytes="1MiB", io_threads=3) as store:
         assert store.io_threads == 3

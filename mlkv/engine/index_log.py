@@ -18,9 +18,11 @@ and a log's partial record past the committed length is cut off (here, or by the
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import struct
 import zlib
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -36,6 +38,7 @@ VERSION = 2
 _REC = struct.Struct("<8sIQQII")
 _REC_BYTES = _REC.size + 4
 _REC_V1 = struct.Struct("<8sIQQI")  # version 1: no table id
+_READ_BACK = 256 << 10  # bytes a snapshot's CRC pass reads back at a time
 
 
 def _pack(magic: bytes, ckpt: int, keys: np.ndarray, slots: np.ndarray, table_id: int) -> bytes:
@@ -80,35 +83,42 @@ def write_snapshot(path: str, ckpt: int, keys: np.ndarray, slots: np.ndarray, *,
     of 100M keys is 1.6 GB; packing it into one bytes object took two more such copies)."""
     keys = np.ascontiguousarray(keys.view(np.uint64) if keys.dtype == np.int64 else keys, dtype=np.uint64)
     slots = np.ascontiguousarray(slots, dtype=np.int64)
-    write_snapshot_parts(path, ckpt, len(keys), lambda: iter([(keys, slots)]), table_id=table_id)
+    write_snapshot_parts(path, ckpt, len(keys), [(keys, slots)], table_id=table_id)
 
 
-def write_snapshot_parts(path: str, ckpt: int, n: int, parts, *, table_id: int) -> None:
-    """The record `_pack` would make of `n` pairs that `parts()` yields as (keys, slots) arrays, in order,
-    the same each time it is called (it is called twice: the CRC covers every key before the first slot).
+def write_snapshot_parts(path: str, ckpt: int, n: int, parts: Iterable, *, table_id: int) -> None:
+    """The record `_pack` would make of `n` pairs that `parts` yields as (keys, slots) arrays, in order.
     No more than one part is held at a time: a key index streams its pairs straight from its table
-    (`KeyIndex.live_parts`), so a snapshot of 100M keys does not copy the 1.6 GB of pairs first."""
+    (`KeyIndex.live_parts`), so a snapshot of 100M keys does not copy the 1.6 GB of pairs first. The CRC
+    covers every key before the first slot: the keys' part is summed as it is written, the slots' part is
+    read back from the file (the page cache) and summed after it, so the CRC is that of the bytes written."""
     head_bytes = _REC.size + 4
     size = head_bytes + 16 * n
     try:
         with storage_errors(path, "writing an index snapshot", size):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             with storage_errors(path, "writing an index snapshot", size):
                 crc, done = 0, 0
-                for k, s in parts():
+                for k, s in parts:
                     k = np.ascontiguousarray(k.view(np.uint64) if k.dtype == np.int64 else k, dtype=np.uint64)
                     s = np.ascontiguousarray(s, dtype=np.int64)
-                    if done + len(k) > n:
-                        raise ValueError(f"snapshot parts hold more than the {n} pairs announced")
+                    if len(s) != len(k) or done + len(k) > n:
+                        raise ValueError(f"snapshot parts disagree with the {n} pairs announced")
                     crc = zlib.crc32(memoryview(k).cast("B"), crc)
                     pwrite_all(fd, memoryview(k).cast("B"), head_bytes + 8 * done)
                     pwrite_all(fd, memoryview(s).cast("B"), head_bytes + 8 * (n + done))
                     done += len(k)
                 if done != n:
                     raise ValueError(f"snapshot parts hold {done} pairs, {n} announced")
-                for _, s in parts():  # the slots' CRC continues the keys'
-                    crc = zlib.crc32(memoryview(np.ascontiguousarray(s, dtype=np.int64)).cast("B"), crc)
+                offset, end = head_bytes + 8 * n, head_bytes + 16 * n
+                buf = memoryview(bytearray(min(_READ_BACK, max(1, end - offset))))
+                while offset < end:
+                    got = os.preadv(fd, [buf[: min(len(buf), end - offset)]], offset)
+                    if got <= 0:
+                        raise OSError(errno.EIO, "index snapshot shorter than written", path)
+                    crc = zlib.crc32(buf[:got], crc)
+                    offset += got
                 head = _REC.pack(SNAP_MAGIC, VERSION, ckpt, n, crc, table_id)
                 pwrite_all(fd, head + struct.pack("<I", zlib.crc32(head)), 0)
             with storage_errors(path, "syncing an index snapshot", size, sync=True):

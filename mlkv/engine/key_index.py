@@ -142,6 +142,9 @@ def _remove(tkeys, tvals, shift, keys, old):
     return removed
 
 
+PART_POSITIONS = 1 << 22  # table positions of one part of `KeyIndex.live_parts` (a 64 MiB slice)
+
+
 class KeyIndex:
     """Batched key -> value map. Keys are uint64 arrays; values are non-negative int64."""
 
@@ -229,13 +232,17 @@ class KeyIndex:
         live = self.vals != EMPTY
         return self.keys[live], self.vals[live]
 
-    def live_parts(self, positions: int = 1 << 22) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def live_parts(
+        self, positions: int | None = None, keys: bool = True
+    ) -> Iterator[tuple[np.ndarray | None, np.ndarray]]:
         """The live (keys, values) of `items()`, in the same order, in parts of at most `positions` table
-        positions each: what a caller streams (a snapshot) holds one part at a time, not every pair."""
-        for lo in range(0, len(self.vals), positions):
-            vals = self.vals[lo : lo + positions]
+        positions each (default PART_POSITIONS): what a caller streams (a snapshot) holds one part at a
+        time, not every pair. `keys=False`: (None, values), for a caller that needs the values only."""
+        step = positions or PART_POSITIONS
+        for lo in range(0, len(self.vals), step):
+            vals = self.vals[lo : lo + step]
             live = vals != EMPTY
-            yield self.keys[lo : lo + positions][live], vals[live]
+            yield (self.keys[lo : lo + step][live] if keys else None), vals[live]
 
     def clear(self) -> None:
         self._alloc(_MIN_CAPACITY)

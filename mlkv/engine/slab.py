@@ -269,7 +269,7 @@ class _SlabTable:
             gen, n = self.gen + 1, len(self.index)
             # streamed from the index table: at 100M keys, a copy of the pairs would be 1.6 GB more memory
             index_log.write_snapshot_parts(
-                self._path(f"{gen}.snap"), ckpt, n, self.index.live_parts, table_id=self.tid
+                self._path(f"{gen}.snap"), ckpt, n, self.index.live_parts(), table_id=self.tid
             )
             index_log.create_log(self._path(f"{gen}.log"))
             self.gen, self.has_snapshot, self.snapshot_pairs, self.log_len = gen, True, n, 0
@@ -290,7 +290,7 @@ class _SlabTable:
         the oldest kept checkpoint."""
         if self.changed:
             if self._epoch_slots is None:  # a snapshot: every live slot, part by part
-                for _, slots in self.index.live_parts():
+                for _, slots in self.index.live_parts(keys=False):
                     self.frozen[slots] = True
             else:
                 self.frozen[self._epoch_slots] = True

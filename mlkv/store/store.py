@@ -55,7 +55,9 @@ _STAT_KEYS = (
 WRITEBACK_MIN_BYTES, WRITEBACK_MAX_BYTES = 1 << 20, 64 << 20
 # look-ahead I/O threads: one per core, at most 4. Device depth comes from the slot file's fault threads, so
 # more I/O threads only take CPU from training (README main job, 2 cores: 0.85x torch with 2, 0.72x with 4)
-DEFAULT_IO_THREADS = max(1, min(4, os.cpu_count() or 1))
+DEFAULT_IO_THREADS = max(
+    1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+)
 
 
 def lost_marker(path: str) -> CorruptionError | None:

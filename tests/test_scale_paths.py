@@ -722,3 +722,72 @@ def test_a_snapshot_checkpoint_freezes_every_live_slot_part_by_part(tmp_path, mo
         assert eng.verify() == []
     eng.close()
     _assert_reopens_with(path, keys, rows, live)
+
+
+def test_crc32_combine_is_the_crc_of_the_concatenation():
+    """crc32_combine(crc(A), crc(B), len(B)) == crc(A + B), for empty and odd-sized parts alike."""
+    import zlib
+
+    rng = np.random.default_rng(11)
+    for la, lb in [(0, 0), (0, 5), (7, 0), (1, 1), (100, 3), (4096, 12345), (3, 1 << 20)]:
+        a, b = rng.bytes(la), rng.bytes(lb)
+        assert index_log.crc32_combine(zlib.crc32(a), zlib.crc32(b), lb) == zlib.crc32(a + b)
+
+
+def _snapshot_of(tmp_path, n: int, seed: int) -> tuple[str, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    keys = np.unique(rng.integers(0, 2**64 - 1, n, dtype=np.uint64))
+    slots = rng.permutation(len(keys)).astype(np.int64)
+    path = str(tmp_path / f"t{seed}.snap")
+    index_log.write_snapshot(path, 3, keys, slots, table_id=2)
+    return path, keys, slots
+
+
+def test_a_recovery_streams_the_snapshot_into_the_index_part_by_part(tmp_path, monkeypatch):
+    """load_snapshot_into builds the same index as loading the whole snapshot (every key at its slot, no
+    other), reading parts of 1,000 pairs, and holds about one part besides the index."""
+    import tracemalloc
+
+    from mlkv.engine.key_index import KeyIndex
+
+    monkeypatch.setattr(index_log, "SNAPSHOT_PART_PAIRS", 1000)
+    path, keys, slots = _snapshot_of(tmp_path, 200_000, 1)
+    index = KeyIndex(len(keys))
+    tracemalloc.start()
+    try:
+        assert index_log.load_snapshot_into(path, index, len(keys), table_id=2) == len(keys)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20  # the snapshot is 3.2 MB
+    assert len(index) == len(keys) and np.array_equal(index.lookup(keys), slots)
+    want_k, want_s = index_log.load(path, None, 0, 2)
+    assert np.array_equal(index.lookup(want_k), want_s)
+
+
+@pytest.mark.parametrize("damage", ["key", "slot", "truncate", "append", "slot_range", "table_id"])
+def test_a_streamed_snapshot_load_refuses_a_damaged_file(tmp_path, monkeypatch, damage):
+    """A flipped bit in any part (found by the CRC after the last part), a short or long file, a slot past
+    the table or another table's snapshot: CorruptionError naming the file."""
+    from mlkv.engine.key_index import KeyIndex
+    from mlkv.errors import CorruptionError
+
+    monkeypatch.setattr(index_log, "SNAPSHOT_PART_PAIRS", 1000)
+    path, keys, _ = _snapshot_of(tmp_path, 10_000, 2)
+    n, head = len(keys), index_log._REC_BYTES
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    if damage == "key":
+        data[head + 8 * 7000 + 3] ^= 0x10  # in the 8th part's keys
+    elif damage == "slot":
+        data[head + 8 * n + 8 * 4321] ^= 0x01
+    elif damage == "truncate":
+        data = data[:-8]
+    elif damage == "append":
+        data += b"\0" * 8
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+    bound = n - 1 if damage == "slot_range" else n  # one slot names the table's end
+    table_id = 3 if damage == "table_id" else 2
+    with pytest.raises(CorruptionError, match=r"t2\.snap"):
+        index_log.load_snapshot_into(path, KeyIndex(n), bound, table_id=table_id)

@@ -39,6 +39,7 @@ _REC = struct.Struct("<8sIQQII")
 _REC_BYTES = _REC.size + 4
 _REC_V1 = struct.Struct("<8sIQQI")  # version 1: no table id
 _READ_BACK = 256 << 10  # bytes a snapshot's CRC pass reads back at a time
+SNAPSHOT_PART_PAIRS = 1 << 22  # pairs a recovery reads of a snapshot at a time (64 MiB)
 
 
 def _pack(magic: bytes, ckpt: int, keys: np.ndarray, slots: np.ndarray, table_id: int) -> bytes:
@@ -47,11 +48,10 @@ def _pack(magic: bytes, ckpt: int, keys: np.ndarray, slots: np.ndarray, table_id
     return head + struct.pack("<I", zlib.crc32(head)) + payload
 
 
-def _unpack(
-    path: str, buf: memoryview, off: int, magic: bytes, table_id: int | None
-) -> tuple[int, np.ndarray, np.ndarray, int]:
-    """One record at `off`: (checkpoint id, keys, slots, offset after it). `table_id`: the id the record
-    must name (None: not checked; a version-1 record names none)."""
+def _head(path: str, buf, off: int, magic: bytes, table_id: int | None) -> tuple[int, int, int, int]:
+    """The header of the record at `off` of `buf` (at least its header's bytes): (checkpoint id, pair
+    count, payload CRC-32, offset of the payload). `table_id`: the id the record must name (None: not
+    checked; a version-1 record names none)."""
     if off + 12 > len(buf):
         raise CorruptionError(path, off, "record header truncated")
     m, version = struct.unpack_from("<8sI", buf, off)
@@ -68,7 +68,15 @@ def _unpack(
         raise CorruptionError(
             path, off, f"record of table id {tid[0]}; the manifest names this file for table {table_id}"
         )
-    start, end = off + rec.size + 4, off + rec.size + 4 + 16 * n
+    return ckpt, n, crc, off + rec.size + 4
+
+
+def _unpack(
+    path: str, buf: memoryview, off: int, magic: bytes, table_id: int | None
+) -> tuple[int, np.ndarray, np.ndarray, int]:
+    """One record at `off`: (checkpoint id, keys, slots, offset after it). `table_id`: as for `_head`."""
+    ckpt, n, crc, start = _head(path, buf, off, magic, table_id)
+    end = start + 16 * n
     if end > len(buf):
         raise CorruptionError(path, off, f"record of {n} pairs truncated")
     if zlib.crc32(buf[start:end]) != crc:
@@ -170,13 +178,124 @@ def append_log(
         os.close(fd)
 
 
+def _gf2_times(mat: list[int], vec: int) -> int:
+    out, i = 0, 0
+    while vec:
+        if vec & 1:
+            out ^= mat[i]
+        vec >>= 1
+        i += 1
+    return out
+
+
+def _gf2_square(mat: list[int]) -> list[int]:
+    return [_gf2_times(mat, mat[n]) for n in range(32)]
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """The CRC-32 of A + B from crc1 = crc32(A), crc2 = crc32(B) and len(B) (zlib's crc32_combine, which
+    Python's zlib does not expose): a snapshot's keys and slots are read part by part, in two streams."""
+    if len2 <= 0:
+        return crc1
+    odd = [0xEDB88320] + [1 << n for n in range(31)]  # the operator for one zero bit
+    even = _gf2_square(odd)  # two zero bits
+    odd = _gf2_square(even)  # four
+    while True:  # apply len2 zero bytes to crc1, squaring the operator for each bit of len2
+        even = _gf2_square(odd)
+        if len2 & 1:
+            crc1 = _gf2_times(even, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+        odd = _gf2_square(even)
+        if len2 & 1:
+            crc1 = _gf2_times(odd, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+    return crc1 ^ crc2
+
+
+def load_snapshot_into(path: str, index: KeyIndex, n_slots: int, table_id: int | None = None) -> int:
+    """Insert a snapshot's pairs into an empty `index`, reading it part by part (SNAPSHOT_PART_PAIRS pairs:
+    two 32 MiB reads) instead of whole: a recovery of 100M keys holds the index, not the index plus the
+    1.6 GB file. Returns the pair count. CorruptionError naming the file for a bad header, a short or long
+    file, a slot at or past `n_slots`, or a payload CRC mismatch (found after the last part: the caller
+    discards the index then)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise CorruptionError(path, 0, "index snapshot named by the manifest is missing") from None
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, _REC_BYTES, 0)
+        _, n, crc, start = _head(path, head, 0, SNAP_MAGIC, table_id)
+        if size != start + 16 * n:
+            what = "truncated" if size < start + 16 * n else "followed by trailing bytes"
+            raise CorruptionError(path, start, f"snapshot of {n} pairs {what} ({size} bytes)")
+        index.reserve(n)
+        crc_k = crc_s = 0
+        for lo in range(0, n, SNAPSHOT_PART_PAIRS):
+            m = min(SNAPSHOT_PART_PAIRS, n - lo)
+            keys, slots = np.empty(m, np.uint64), np.empty(m, np.int64)
+            for arr, off in ((keys, start + 8 * lo), (slots, start + 8 * (n + lo))):
+                if os.preadv(fd, [memoryview(arr).cast("B")], off) != arr.nbytes:
+                    raise CorruptionError(path, off, "snapshot shorter than its header says")
+            crc_k = zlib.crc32(memoryview(keys).cast("B"), crc_k)
+            crc_s = zlib.crc32(memoryview(slots).cast("B"), crc_s)
+            if m and int(slots.max()) >= n_slots:
+                raise CorruptionError(path, start, "index names a slot past the table end")
+            if m and int(slots.min()) < 0:
+                raise CorruptionError(path, start, "snapshot names a negative slot")
+            index.insert_new(keys, slots)
+        if crc32_combine(crc_k, crc_s, 8 * n) != crc:
+            raise CorruptionError(path, start, "record payload CRC-32 mismatch")
+        return n
+    finally:
+        os.close(fd)
+
+
+def replay_log_into(
+    log: str, log_len: int, index: KeyIndex, n_slots: int, table_id: int | None = None
+) -> None:
+    """Apply the first `log_len` bytes of an index log to `index` (loaded from the log's snapshot, or
+    empty): each key takes the slot of its last record, a slot of -1 deletes it."""
+    if not log_len:
+        return
+    uk, us = _log_pairs(log, log_len, table_id)
+    if len(us) and int(us.max()) >= n_slots:
+        raise CorruptionError(log, 0, "index names a slot past the table end")
+    index.remove(uk[us < 0])
+    index.assign(uk[us >= 0], us[us >= 0])
+
+
+def _log_pairs(log: str, log_len: int, table_id: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct keys, the slot of each key's last record, -1: deleted) of a log's first `log_len` bytes."""
+    try:
+        with open(log, "rb") as f:
+            buf = memoryview(f.read(log_len))
+    except FileNotFoundError:
+        raise CorruptionError(log, 0, f"index log missing; the manifest commits {log_len} bytes") from None
+    if len(buf) < log_len:
+        raise CorruptionError(log, len(buf), f"log shorter than the committed {log_len} bytes")
+    parts_k, parts_s, off = [], [], 0
+    while off < log_len:
+        _, k, s, off = _unpack(log, buf, off, LOG_MAGIC, table_id)
+        parts_k.append(k)
+        parts_s.append(s)
+    lk, ls = np.concatenate(parts_k), np.concatenate(parts_s)
+    uk, _, at = unique_inverse(lk[::-1])  # over the reversed sequence: each key's last record
+    return uk, ls[::-1][at]
+
+
 def load(
     snapshot: str | None, log: str | None, log_len: int, table_id: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Replay snapshot + the first `log_len` bytes of the log into final (keys, slots), deletions dropped.
     `table_id`: the manifest's id of the table, checked against every record that names one (None: not
-    checked); CorruptionError naming the file on a mismatch."""
-    parts_k, parts_s = [], []
+    checked); CorruptionError naming the file on a mismatch. (A recovery streams the current state into
+    its index instead: `load_snapshot_into`, `replay_log_into`.)"""
+    snap_k, snap_s = np.empty(0, np.uint64), np.empty(0, np.int64)
     if snapshot:
         try:
             with open(snapshot, "rb") as f:
@@ -186,41 +305,18 @@ def load(
                 f.readinto(buf)
         except FileNotFoundError:
             raise CorruptionError(snapshot, 0, "index snapshot named by the manifest is missing") from None
-        _, k, s, end = _unpack(snapshot, buf, 0, SNAP_MAGIC, table_id)
+        _, snap_k, snap_s, end = _unpack(snapshot, buf, 0, SNAP_MAGIC, table_id)
         if end != len(buf):
             raise CorruptionError(snapshot, end, "trailing bytes after snapshot")
-        parts_k.append(k)
-        parts_s.append(s)
-    if log and log_len:
-        try:
-            with open(log, "rb") as f:
-                buf = memoryview(f.read(log_len))
-        except FileNotFoundError:
-            raise CorruptionError(
-                log, 0, f"index log missing; the manifest commits {log_len} bytes"
-            ) from None
-        if len(buf) < log_len:
-            raise CorruptionError(log, len(buf), f"log shorter than the committed {log_len} bytes")
-        off = 0
-        while off < log_len:
-            _, k, s, off = _unpack(log, buf, off, LOG_MAGIC, table_id)
-            parts_k.append(k)
-            parts_s.append(s)
-    if not parts_k:
-        return np.empty(0, np.uint64), np.empty(0, np.int64)
-    if snapshot and len(parts_k) == 1:  # a snapshot alone: distinct keys, every slot live
-        return parts_k[0], parts_s[0]
-    # the log's records: the last record of a key wins (unique over the reversed sequence keeps each key's
-    # last occurrence); a snapshot's keys that the log names are replaced, found with a hash lookup of
-    # the (usually far fewer) logged keys instead of a dedup of everything
-    first = 1 if snapshot else 0
-    lk, ls = np.concatenate(parts_k[first:]), np.concatenate(parts_s[first:])
-    uk, _, at = unique_inverse(lk[::-1])
-    us = ls[::-1][at]
+    if not (log and log_len):
+        return snap_k, snap_s  # a snapshot alone: distinct keys, every slot live
+    uk, us = _log_pairs(log, log_len, table_id)
     live = us >= 0
     if not snapshot:
         return uk[live], us[live]
+    # a snapshot's keys that the log names are replaced, found with a hash lookup of the (usually far
+    # fewer) logged keys instead of a dedup of everything
     logged = KeyIndex(len(uk))
     logged.insert_new(uk, np.zeros(len(uk), dtype=np.int64))
-    kept = logged.lookup(parts_k[0]) < 0
-    return np.concatenate([parts_k[0][kept], uk[live]]), np.concatenate([parts_s[0][kept], us[live]])
+    kept = logged.lookup(snap_k) < 0
+    return np.concatenate([snap_k[kept], uk[live]]), np.concatenate([snap_s[kept], us[live]])

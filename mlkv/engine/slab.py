@@ -46,7 +46,6 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -125,19 +124,18 @@ class _SlabTable:
         self.log_len = state["log_len"] if state else 0
         self.snapshot_pairs = state["snapshot_pairs"] if state else 0
         self.n_slots = state["n_slots"] if state else 0
+        # the manifest's row count sizes the index (a count that is off, or none in an older manifest, only
+        # means it grows); the snapshot is streamed into it part by part, then the log replayed: at 100M
+        # keys a recovery holds the 4 GiB index, not the index plus the 1.6 GB snapshot too
+        self.index = KeyIndex(state.get("rows", state["snapshot_pairs"]) if state else 0)
         if state:
-            # the manifest's row count sizes the index: its table (4 GiB at 100M keys) is allocated on a
-            # helper thread while the snapshot is read and checked (both release the GIL); a count that
-            # is off (an older manifest has none) only means insert_new grows it
-            with ThreadPoolExecutor(1, thread_name_prefix="mlkv-index") as helper:
-                index = helper.submit(KeyIndex, state.get("rows", state["snapshot_pairs"]))
-                keys, slots = self._load(state)
-                self.index = index.result()
-        else:
-            keys, slots = np.empty(0, np.uint64), np.empty(0, np.int64)
-            self.index = KeyIndex(0)
-        self.index.insert_new(keys, slots)
-        self.rows_committed = len(keys)  # live keys of the last commit (see `checkpoint`)
+            bound = min(state["n_slots"], self.n_slots)
+            if state["has_snapshot"]:
+                index_log.load_snapshot_into(self._path(f"{self.gen}.snap"), self.index, bound, self.tid)
+            index_log.replay_log_into(
+                self._path(f"{self.gen}.log"), state["log_len"], self.index, bound, self.tid
+            )
+        self.rows_committed = len(self.index)  # live keys of the last commit (see `checkpoint`)
         self.file = SlotFile(self._path("slab"), row_bytes, readonly, table_id=tid)
         try:
             self.file.check_size(self.n_slots)  # a short file would SIGBUS on a mapped read
@@ -148,10 +146,11 @@ class _SlabTable:
         # frozen: the slots some kept checkpoint references. retired: (seq, slots) whose last reference is
         # the kept checkpoint `seq`, freed once it is pruned
         self.frozen = np.zeros(self.file.capacity, dtype=bool)
-        if len(slots) == self.n_slots:  # distinct slots below n_slots (checked by _load): every one, so no
-            self.frozen[: self.n_slots] = True  # random scatter (3-4 s at 100M slots)
+        if len(self.index) == self.n_slots:  # distinct slots below n_slots (checked by the load): every one,
+            self.frozen[: self.n_slots] = True  # so no random scatter (3-4 s at 100M slots)
         else:
-            self.frozen[slots] = True
+            for _, slots in self.index.live_parts(keys=False):
+                self.frozen[slots] = True
         self.retired: list[tuple[int, np.ndarray]] = []
         for seq, st in reversed(older):
             _, s = self._load(st)

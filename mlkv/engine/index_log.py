@@ -2,8 +2,10 @@
 
 A checkpoint appends one record with the (key, slot) pairs that changed since the previous checkpoint
 (slot -1: deleted), so its cost follows what changed, not the table size. When the log outgrows the
-snapshot, the next checkpoint writes a fresh snapshot instead (amortised O(changes)). Recovery loads the
-snapshot and replays the log up to the length the manifest committed: a sequential read at disk speed.
+snapshot, the next checkpoint writes a fresh snapshot instead (amortised O(changes)). Recovery streams the
+snapshot into the key index part by part and replays the log up to the length the manifest committed: a
+sequential read at disk speed. Neither a checkpoint nor a recovery holds a copy of every pair: a snapshot
+is written from the index table and read into it in parts of 4M pairs (1.6 GB of pairs at 100M keys).
 Both files carry magic/version and CRC-32s over header and payload. Each record (version 2) also names
 the manifest's id of its table, checked on load: a snapshot or log of another table (files swapped or
 restored under the wrong name) is a CorruptionError naming the file, never another table's index. Version-1

@@ -117,3 +117,62 @@ def test_unique_inverse_of_sorted_distinct_keys_is_theirs_in_a_new_array(keys):
     np.testing.assert_array_equal(inv, ref_inv)
     np.testing.assert_array_equal(first, ref_first)
     assert uk.dtype == np.uint64 and not np.shares_memory(uk, keys)  # the store may keep uk
+
+
+def _wrapping_keys(n: int, cap: int, seed: int) -> np.ndarray:
+    """n distinct keys whose homes in a `cap`-position index are in its last 16 positions: one long run
+    that wraps around to the table's start."""
+    rng = np.random.default_rng(seed)
+    cand = rng.integers(0, 2**64 - 1, 400 * n, dtype=np.uint64)
+    shift = np.uint64(65 - cap.bit_length())
+    with np.errstate(over="ignore"):
+        home = ((cand ^ (cand >> np.uint64(32))) * np.uint64(0x9E3779B97F4A7C15)) >> shift
+    return np.unique(cand[home >= cap - 16])[:n]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_growing_in_place_keeps_every_key_through_wrapped_runs_and_several_doublings(seed):
+    """The index grows by re-laying its own table: a run that wraps around the old table's end, clusters,
+    growth by 2x and by 16x at once, then removals (whose backward shift needs unbroken chains): against
+    a dict after every step, absent keys included."""
+    rng = np.random.default_rng(seed)
+    index, model = KeyIndex(0), {}
+    wrapped = _wrapping_keys(300, len(index.vals), seed)  # 300 of 1024 positions, all homed at the end
+    index.insert_new(wrapped, np.arange(len(wrapped)))
+    model.update(zip(wrapped.tolist(), range(len(wrapped)), strict=True))
+    assert index.vals[0] != -1  # the run wrapped
+    probe = rng.integers(0, 2**64 - 1, 2000, dtype=np.uint64)
+    for n in (250, 5000, 40_000):  # 2x, then 16x at once, then 4x
+        keys = np.unique(rng.integers(0, 2**64 - 1, n, dtype=np.uint64))
+        keys = keys[index.lookup(keys) < 0]
+        vals = rng.integers(0, 2**40, len(keys))
+        index.insert_new(keys, vals)
+        model.update(zip(keys.tolist(), vals.tolist(), strict=True))
+        _check_against(index, model, np.concatenate([probe, keys[:500], wrapped]))
+    gone = np.array(list(model), dtype=np.uint64)[::3]
+    index.remove(gone)
+    for k in gone.tolist():
+        del model[k]
+    _check_against(index, model, np.concatenate([probe, gone[:500], wrapped]))
+
+
+def test_growing_in_place_needs_no_second_table():
+    """Growth holds the new table alone (the old one is resized into it), not the new table beside the
+    old one or beside a copy of the live pairs: traced allocations peak at the new table's bytes."""
+    import tracemalloc
+
+    rng = np.random.default_rng(3)
+    index = KeyIndex(1 << 19)  # 2^20 positions, 16 MiB
+    keys = np.unique(rng.integers(0, 2**64 - 1, (1 << 19) - 64, dtype=np.uint64))
+    index.insert_new(keys, np.arange(len(keys)))
+    more = np.array([2**63 + i for i in range(1000)], dtype=np.uint64)
+    tracemalloc.start()
+    try:
+        index.insert_new(more, np.arange(len(more)))  # past load 1/2: doubles to 32 MiB
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(index.vals) == 1 << 21
+    assert peak < (32 << 20) + (1 << 20), peak  # a rebuild beside the live pairs: 32 + 8 + 1 MiB
+    np.testing.assert_array_equal(index.lookup(keys), np.arange(len(keys)))
+    np.testing.assert_array_equal(index.lookup(more), np.arange(len(more)))

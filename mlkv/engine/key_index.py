@@ -142,6 +142,88 @@ def _remove(tkeys, tvals, shift, keys, old):
     return removed
 
 
+_BLOCK = 4096  # entries whose positions _rehash_in_place recomputes at a time
+
+
+@_kernel
+def _rehash_in_place(tkeys, tvals, old_cap, shift):
+    """Re-lay a table grown in place: its first `old_cap` positions hold the old table, the rest is EMPTY,
+    and `shift` is the new one. Without a second table: the entries are packed to the front (in table
+    order, which is their order by home except within a cluster), insertion-sorted by new home (a few
+    moves each), and placed at max(home, previous place + 1) from the last one down, so an entry only
+    ever moves to a place at or after its index. Entries of the old table's first run (some wrapped
+    around from its end) and any that would run past the new end are set aside and inserted last.
+    Returns the number of entries set aside (the caller's check)."""
+    new_cap = tvals.shape[0]
+    r = 0
+    while r < old_cap and tvals[r] != EMPTY:
+        r += 1
+    aside_k = tkeys[:r].copy()
+    aside_v = tvals[:r].copy()
+    tvals[:r] = EMPTY
+    m = 0
+    for p in range(r, old_cap):
+        if tvals[p] != EMPTY:
+            if p != m:
+                tkeys[m] = tkeys[p]
+                tvals[m] = tvals[p]
+                tvals[p] = EMPTY
+            m += 1
+    for i in range(1, m):  # insertion sort by new home: the order is off only within a cluster
+        k, v = tkeys[i], tvals[i]
+        hk = home(k, shift)
+        j = i - 1
+        while j >= 0 and home(tkeys[j], shift) > hk:
+            tkeys[j + 1] = tkeys[j]
+            tvals[j + 1] = tvals[j]
+            j -= 1
+        tkeys[j + 1] = k
+        tvals[j + 1] = v
+    # place i at pos(i) = i + max over j <= i of (home(j) - j): the running maximum at each block's start
+    n_blocks = (m + _BLOCK - 1) // _BLOCK
+    start_max = np.empty(n_blocks, dtype=np.int64)
+    best = np.int64(-(1 << 62))
+    # entries from t on would be placed past the end: set aside. This never happens while the old first
+    # run is set aside (entries homed in the old table's last k positions are at most k, and get 2k or
+    # more), but a place past the end would be a write outside the array, so the kernel does not rely on it
+    t = m
+    for i in range(m):
+        if i % _BLOCK == 0:
+            start_max[i // _BLOCK] = best
+        d = home(tkeys[i], shift) - i
+        if d > best:
+            best = d
+        if i + best >= new_cap and t == m:
+            t = i
+    extra_k = tkeys[t:m].copy()
+    extra_v = tvals[t:m].copy()
+    tvals[t:m] = EMPTY
+    pos = np.empty(_BLOCK, dtype=np.int64)
+    for b in range(n_blocks - 1, -1, -1):
+        lo = b * _BLOCK
+        hi = min(lo + _BLOCK, t)
+        if hi <= lo:
+            continue
+        best = start_max[b]
+        for i in range(lo, hi):
+            d = home(tkeys[i], shift) - i
+            if d > best:
+                best = d
+            pos[i - lo] = i + best
+        for i in range(hi - 1, lo - 1, -1):
+            q = pos[i - lo]
+            if q != i:
+                k, v = tkeys[i], tvals[i]
+                tvals[i] = EMPTY
+                tkeys[q] = k
+                tvals[q] = v
+    for i in range(aside_k.shape[0]):
+        insert_one(tkeys, tvals, shift, aside_k[i], aside_v[i])
+    for i in range(extra_k.shape[0]):
+        insert_one(tkeys, tvals, shift, extra_k[i], extra_v[i])
+    return aside_k.shape[0] + extra_k.shape[0]
+
+
 PART_POSITIONS = 1 << 22  # table positions of one part of `KeyIndex.live_parts` (a 64 MiB slice)
 
 
@@ -248,14 +330,19 @@ class KeyIndex:
         self._alloc(_MIN_CAPACITY)
 
     def _grow(self, need: int) -> None:
-        keys, vals = self.items()
-        cap = len(self.vals)
+        """Double (or more) the table in place: the array is resized (realloc: a large table's pages are
+        remapped, not copied) and re-laid by one kernel, so the peak is the new table alone. Making a new
+        table beside the old one, or beside a copy of the live pairs, took 2 or 1 GiB more at 67M keys."""
+        old_cap = cap = len(self.vals)
         while cap < 2 * need:
             cap *= 2
-        self.table = self.keys = self.vals = None  # the old table goes before the new one is allocated:
-        self._alloc(cap)  # peak = live pairs + new table, not + the old table too (2 GiB more at 67M keys)
-        _insert(self.keys, self.vals, self._shift, keys, vals)
-        self.live = len(keys)
+        self.keys = self.vals = None
+        self.table.resize((cap, 2), refcheck=False)  # nothing else holds a view: see kernel_args
+        self.table[old_cap:] = EMPTY
+        self.keys = self.table[:, 0].view(np.uint64)
+        self.vals = self.table[:, 1]
+        self._shift = np.uint64(65 - cap.bit_length())
+        _rehash_in_place(self.keys, self.vals, old_cap, self._shift)
 
 
 def as_u64(keys: np.ndarray) -> np.ndarray:

@@ -8,8 +8,10 @@ Layout: linear probing, Fibonacci-hashed, key and value side by side in one (cap
 (`keys` and `vals` are views of its columns), so a probe costs one cache miss, not two. The full 64-bit key
 range is valid, so emptiness lives in `vals` (EMPTY = -1). Deletion shifts the rest of the chain back
 (Knuth's algorithm R) instead of leaving tombstones, so a tier that evicts and admits every batch never
-fills up with dead entries or needs a rebuild. Load stays <= 1/2 (the table doubles).
+fills up with dead entries or needs a rebuild. Load stays <= 1/2: the table doubles in place (resized,
+then re-laid by one kernel), so growing holds the new table alone, not a second table or a copy of the pairs.
 Memory: 16 bytes per table position, 32-64 bytes per live key.
+Thread-safety: none; callers serialise (the store lock, the engine lock).
 """
 
 from __future__ import annotations

@@ -176,3 +176,23 @@ def test_growing_in_place_needs_no_second_table():
     assert peak < (32 << 20) + (1 << 20), peak  # a rebuild beside the live pairs: 32 + 8 + 1 MiB
     np.testing.assert_array_equal(index.lookup(keys), np.arange(len(keys)))
     np.testing.assert_array_equal(index.lookup(more), np.arange(len(more)))
+
+
+def test_an_unpickled_index_still_grows():
+    """A copy made by pickle (its table does not own its memory) grows like the original."""
+    import pickle
+
+    rng = np.random.default_rng(9)
+    keys = np.unique(rng.integers(0, 2**64 - 1, 400, dtype=np.uint64))
+    index = pickle.loads(pickle.dumps(_filled(keys)))
+    more = np.unique(rng.integers(0, 2**64 - 1, 5000, dtype=np.uint64))
+    more = more[~np.isin(more, keys)]
+    index.insert_new(more, np.arange(len(more)) + len(keys))
+    np.testing.assert_array_equal(index.lookup(keys), np.arange(len(keys)))
+    np.testing.assert_array_equal(index.lookup(more), np.arange(len(more)) + len(keys))
+
+
+def _filled(keys: np.ndarray) -> KeyIndex:
+    index = KeyIndex(0)
+    index.insert_new(keys, np.arange(len(keys)))
+    return index

@@ -155,7 +155,7 @@ def _rehash_in_place(tkeys, tvals, old_cap, shift):
     moves each), and placed at max(home, previous place + 1) from the last one down, so an entry only
     ever moves to a place at or after its index. Entries of the old table's first run (some wrapped
     around from its end) and any that would run past the new end are set aside and inserted last.
-    Returns the number of entries set aside (the caller's check)."""
+    Returns the number of entries set aside."""
     new_cap = tvals.shape[0]
     r = 0
     while r < old_cap and tvals[r] != EMPTY:
@@ -338,11 +338,15 @@ class KeyIndex:
         old_cap = cap = len(self.vals)
         while cap < 2 * need:
             cap *= 2
+        if not self.table.flags.owndata:  # e.g. unpickled: resize needs an array that owns its memory
+            self.table = self.table.copy()
         self.keys = self.vals = None
-        self.table.resize((cap, 2), refcheck=False)  # nothing else holds a view: see kernel_args
+        try:
+            self.table.resize((cap, 2), refcheck=False)  # nothing else holds a view: see kernel_args
+        finally:  # a failed resize (MemoryError) leaves the old table, still usable
+            self.keys = self.table[:, 0].view(np.uint64)
+            self.vals = self.table[:, 1]
         self.table[old_cap:] = EMPTY
-        self.keys = self.table[:, 0].view(np.uint64)
-        self.vals = self.table[:, 1]
         self._shift = np.uint64(65 - cap.bit_length())
         _rehash_in_place(self.keys, self.vals, old_cap, self._shift)
 

@@ -129,7 +129,7 @@ class _SlabTable:
         # keys a recovery holds the 4 GiB index, not the index plus the 1.6 GB snapshot too
         self.index = KeyIndex(state.get("rows", state["snapshot_pairs"]) if state else 0)
         if state:
-            bound = min(state["n_slots"], self.n_slots)
+            bound = self.n_slots  # the manifest's slot count: every slot the index names is below it
             if state["has_snapshot"]:
                 index_log.load_snapshot_into(self._path(f"{self.gen}.snap"), self.index, bound, self.tid)
             index_log.replay_log_into(

@@ -679,7 +679,7 @@ def test_a_snapshot_streamed_from_the_key_index_is_the_record_of_its_items(tmp_p
         tracemalloc.stop()
     with open(path, "rb") as f:
         assert f.read() == index_log._pack(index_log.SNAP_MAGIC, 9, live_k, live_s, 5)
-    # one part's pairs and mask, and the 256 KiB read-back buffer; all the pairs are 16 * n bytes
+    # one part's pairs and mask; all the pairs are 16 * n bytes
     assert peak < (1 << 20) + 17 * positions
     assert sum(len(k) for k, _ in index.live_parts()) == len(index)
 

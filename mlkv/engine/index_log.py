@@ -20,7 +20,6 @@ and a log's partial record past the committed length is cut off (here, or by the
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import struct
 import zlib
@@ -30,7 +29,7 @@ import numpy as np
 
 from ..durable_files import pwrite_all, storage_errors
 from ..errors import CorruptionError
-from .key_index import KeyIndex, unique_inverse
+from .key_index import KeyIndex, as_u64, unique_inverse
 
 SNAP_MAGIC = b"MLKVSNAP"
 LOG_MAGIC = b"MLKVILOG"
@@ -40,7 +39,6 @@ VERSION = 2
 _REC = struct.Struct("<8sIQQII")
 _REC_BYTES = _REC.size + 4
 _REC_V1 = struct.Struct("<8sIQQI")  # version 1: no table id
-_READ_BACK = 256 << 10  # bytes a snapshot's CRC pass reads back at a time
 SNAPSHOT_PART_PAIRS = 1 << 22  # pairs a recovery reads of a snapshot at a time (64 MiB)
 
 
@@ -91,8 +89,6 @@ def _unpack(
 def write_snapshot(path: str, ckpt: int, keys: np.ndarray, slots: np.ndarray, *, table_id: int) -> None:
     """The record `_pack` would make, written from the arrays themselves: no copy of the pairs (a snapshot
     of 100M keys is 1.6 GB; packing it into one bytes object took two more such copies)."""
-    keys = np.ascontiguousarray(keys.view(np.uint64) if keys.dtype == np.int64 else keys, dtype=np.uint64)
-    slots = np.ascontiguousarray(slots, dtype=np.int64)
     write_snapshot_parts(path, ckpt, len(keys), [(keys, slots)], table_id=table_id)
 
 
@@ -100,36 +96,27 @@ def write_snapshot_parts(path: str, ckpt: int, n: int, parts: Iterable, *, table
     """The record `_pack` would make of `n` pairs that `parts` yields as (keys, slots) arrays, in order.
     No more than one part is held at a time: a key index streams its pairs straight from its table
     (`KeyIndex.live_parts`), so a snapshot of 100M keys does not copy the 1.6 GB of pairs first. The CRC
-    covers every key before the first slot: the keys' part is summed as it is written, the slots' part is
-    read back from the file (the page cache) and summed after it, so the CRC is that of the bytes written."""
-    head_bytes = _REC.size + 4
-    size = head_bytes + 16 * n
+    covers every key before the first slot: the keys' and the slots' CRCs are summed over the arrays as
+    they are written and joined by `crc32_combine`."""
+    size = _REC_BYTES + 16 * n
     try:
         with storage_errors(path, "writing an index snapshot", size):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             with storage_errors(path, "writing an index snapshot", size):
-                crc, done = 0, 0
+                crc_k = crc_s = done = 0
                 for k, s in parts:
-                    k = np.ascontiguousarray(k.view(np.uint64) if k.dtype == np.int64 else k, dtype=np.uint64)
-                    s = np.ascontiguousarray(s, dtype=np.int64)
+                    k, s = as_u64(k), np.ascontiguousarray(s, dtype=np.int64)
                     if len(s) != len(k) or done + len(k) > n:
                         raise ValueError(f"snapshot parts disagree with the {n} pairs announced")
-                    crc = zlib.crc32(memoryview(k).cast("B"), crc)
-                    pwrite_all(fd, memoryview(k).cast("B"), head_bytes + 8 * done)
-                    pwrite_all(fd, memoryview(s).cast("B"), head_bytes + 8 * (n + done))
+                    kb, sb = memoryview(k).cast("B"), memoryview(s).cast("B")
+                    crc_k, crc_s = zlib.crc32(kb, crc_k), zlib.crc32(sb, crc_s)
+                    pwrite_all(fd, kb, _REC_BYTES + 8 * done)
+                    pwrite_all(fd, sb, _REC_BYTES + 8 * (n + done))
                     done += len(k)
                 if done != n:
                     raise ValueError(f"snapshot parts hold {done} pairs, {n} announced")
-                offset, end = head_bytes + 8 * n, head_bytes + 16 * n
-                buf = memoryview(bytearray(min(_READ_BACK, max(1, end - offset))))
-                while offset < end:
-                    got = os.preadv(fd, [buf[: min(len(buf), end - offset)]], offset)
-                    if got <= 0:
-                        raise OSError(errno.EIO, "index snapshot shorter than written", path)
-                    crc = zlib.crc32(buf[:got], crc)
-                    offset += got
-                head = _REC.pack(SNAP_MAGIC, VERSION, ckpt, n, crc, table_id)
+                head = _REC.pack(SNAP_MAGIC, VERSION, ckpt, n, crc32_combine(crc_k, crc_s, 8 * n), table_id)
                 pwrite_all(fd, head + struct.pack("<I", zlib.crc32(head)), 0)
             with storage_errors(path, "syncing an index snapshot", size, sync=True):
                 os.fsync(fd)
@@ -196,25 +183,16 @@ def _gf2_square(mat: list[int]) -> list[int]:
 
 def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
     """The CRC-32 of A + B from crc1 = crc32(A), crc2 = crc32(B) and len(B) (zlib's crc32_combine, which
-    Python's zlib does not expose): a snapshot's keys and slots are read part by part, in two streams."""
-    if len2 <= 0:
-        return crc1
-    odd = [0xEDB88320] + [1 << n for n in range(31)]  # the operator for one zero bit
-    even = _gf2_square(odd)  # two zero bits
-    odd = _gf2_square(even)  # four
-    while True:  # apply len2 zero bytes to crc1, squaring the operator for each bit of len2
-        even = _gf2_square(odd)
+    Python's zlib does not expose): a snapshot's keys and slots are summed in two streams."""
+    op = [0xEDB88320] + [1 << n for n in range(31)]  # the GF(2) operator that appends one zero bit
+    for _ in range(3):
+        op = _gf2_square(op)  # ... one zero byte
+    while len2 > 0:  # append len2 zero bytes to A: the operator for 2^i bytes for each bit i of len2
         if len2 & 1:
-            crc1 = _gf2_times(even, crc1)
+            crc1 = _gf2_times(op, crc1)
         len2 >>= 1
-        if not len2:
-            break
-        odd = _gf2_square(even)
-        if len2 & 1:
-            crc1 = _gf2_times(odd, crc1)
-        len2 >>= 1
-        if not len2:
-            break
+        if len2:
+            op = _gf2_square(op)
     return crc1 ^ crc2
 
 

@@ -154,8 +154,7 @@ def _rehash_in_place(tkeys, tvals, old_cap, shift):
     order, which is their order by home except within a cluster), insertion-sorted by new home (a few
     moves each), and placed at max(home, previous place + 1) from the last one down, so an entry only
     ever moves to a place at or after its index. Entries of the old table's first run (some wrapped
-    around from its end) and any that would run past the new end are set aside and inserted last.
-    Returns the number of entries set aside."""
+    around from its end) and any that would run past the new end are set aside and inserted last."""
     new_cap = tvals.shape[0]
     r = 0
     while r < old_cap and tvals[r] != EMPTY:
@@ -223,7 +222,6 @@ def _rehash_in_place(tkeys, tvals, old_cap, shift):
         insert_one(tkeys, tvals, shift, aside_k[i], aside_v[i])
     for i in range(extra_k.shape[0]):
         insert_one(tkeys, tvals, shift, extra_k[i], extra_v[i])
-    return aside_k.shape[0] + extra_k.shape[0]
 
 
 PART_POSITIONS = 1 << 22  # table positions of one part of `KeyIndex.live_parts` (a 64 MiB slice)

@@ -129,11 +129,11 @@ class _SlabTable:
         # keys a recovery holds the 4 GiB index, not the index plus the 1.6 GB snapshot too
         self.index = KeyIndex(state.get("rows", state["snapshot_pairs"]) if state else 0)
         if state:
-            bound = self.n_slots  # the manifest's slot count: every slot the index names is below it
-            if state["has_snapshot"]:
-                index_log.load_snapshot_into(self._path(f"{self.gen}.snap"), self.index, bound, self.tid)
+            if state["has_snapshot"]:  # every slot the index names is below the manifest's slot count
+                snap = self._path(f"{self.gen}.snap")
+                index_log.load_snapshot_into(snap, self.index, self.n_slots, self.tid)
             index_log.replay_log_into(
-                self._path(f"{self.gen}.log"), state["log_len"], self.index, bound, self.tid
+                self._path(f"{self.gen}.log"), state["log_len"], self.index, self.n_slots, self.tid
             )
         self.rows_committed = len(self.index)  # live keys of the last commit (see `checkpoint`)
         self.file = SlotFile(self._path("slab"), row_bytes, readonly, table_id=tid)
@@ -149,8 +149,7 @@ class _SlabTable:
         if len(self.index) == self.n_slots:  # distinct slots below n_slots (checked by the load): every one,
             self.frozen[: self.n_slots] = True  # so no random scatter (3-4 s at 100M slots)
         else:
-            for _, slots in self.index.live_parts(keys=False):
-                self.frozen[slots] = True
+            self._freeze_live()
         self.retired: list[tuple[int, np.ndarray]] = []
         for seq, st in reversed(older):
             _, s = self._load(st)
@@ -163,6 +162,11 @@ class _SlabTable:
         self.changed: list[np.ndarray] = []  # keys written or deleted this epoch (see _note_changed)
         self.snapshot_due = False  # this epoch ends in a snapshot: `changed` need not list its keys
         self.has_snapshot = bool(state and state["has_snapshot"])
+
+    def _freeze_live(self) -> None:
+        """Mark every slot the index names frozen, walking the index part by part (no copy of its pairs)."""
+        for _, slots in self.index.live_parts(keys=False):
+            self.frozen[slots] = True
 
     def _path(self, suffix: str) -> str:
         return os.path.join(self.directory, f"t{self.tid}.{suffix}")
@@ -288,9 +292,8 @@ class _SlabTable:
         by checkpoint `prev_seq`. Free every retired slot whose last reference is older than `oldest_seq`,
         the oldest kept checkpoint."""
         if self.changed:
-            if self._epoch_slots is None:  # a snapshot: every live slot, part by part
-                for _, slots in self.index.live_parts(keys=False):
-                    self.frozen[slots] = True
+            if self._epoch_slots is None:  # a snapshot: every live slot
+                self._freeze_live()
             else:
                 self.frozen[self._epoch_slots] = True
             if self.pending_free:

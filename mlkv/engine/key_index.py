@@ -18,16 +18,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import numba
 import numpy as np
 
+from .kernel import kernel
 from .prefetch import prefetch_row
 
 EMPTY = -1
 _MIN_CAPACITY = 1024
 _FIB = np.uint64(0x9E3779B97F4A7C15)
 _HALF = np.uint64(32)
-_kernel = numba.njit(nogil=True, cache=True)
 
 
 def hash64(keys: np.ndarray) -> np.ndarray:
@@ -42,14 +41,14 @@ def hash64(keys: np.ndarray) -> np.ndarray:
     return z
 
 
-@_kernel
+@kernel
 def home(key, shift):
     """Fibonacci hashing (top bits of key * 2^64/phi) of the key with its high half folded in: spreads
     sequential, strided and high-bit-only keys evenly."""
     return np.int64(((key ^ (key >> _HALF)) * _FIB) >> shift)
 
 
-@_kernel
+@kernel
 def probe(tkeys, tvals, shift, key):
     """Table position of `key`, -1 when absent (callable from other kernels)."""
     mask = tvals.shape[0] - 1
@@ -61,7 +60,7 @@ def probe(tkeys, tvals, shift, key):
     return -1
 
 
-@_kernel
+@kernel
 def _find(tkeys, tvals, shift, keys, pos):
     """pos[i] = table position of keys[i], or -1 when absent."""
     for i in range(keys.shape[0]):
@@ -71,7 +70,7 @@ def _find(tkeys, tvals, shift, keys, pos):
 _AHEAD = 8  # keys between prefetching an entry and probing it
 
 
-@_kernel
+@kernel
 def _lookup(tkeys, tvals, shift, keys, out):
     """out[i] = value of keys[i], or -1 when absent (entries prefetched _AHEAD keys ahead: a big index
     misses the cache on every key)."""
@@ -85,7 +84,7 @@ def _lookup(tkeys, tvals, shift, keys, out):
         out[i] = tvals[p] if p >= 0 else EMPTY
 
 
-@_kernel
+@kernel
 def insert_one(tkeys, tvals, shift, key, val):
     """Insert a key known to be absent at the end of its chain (callable from other kernels; the caller
     keeps the load <= 1/2, see KeyIndex.reserve)."""
@@ -97,7 +96,7 @@ def insert_one(tkeys, tvals, shift, key, val):
     tvals[p] = val
 
 
-@_kernel
+@kernel
 def remove_one(tkeys, tvals, shift, key):
     """Delete `key`; return the value it had, -1 when absent (callable from other kernels).
 
@@ -123,7 +122,7 @@ def remove_one(tkeys, tvals, shift, key):
     return old
 
 
-@_kernel
+@kernel
 def _insert(tkeys, tvals, shift, keys, vals):
     n = keys.shape[0]
     for i in range(n):
@@ -132,7 +131,7 @@ def _insert(tkeys, tvals, shift, keys, vals):
         insert_one(tkeys, tvals, shift, keys[i], vals[i])
 
 
-@_kernel
+@kernel
 def _remove(tkeys, tvals, shift, keys, old):
     """old[i] = the value keys[i] had (-1: absent); returns how many were present."""
     removed, n = 0, keys.shape[0]
@@ -147,7 +146,7 @@ def _remove(tkeys, tvals, shift, keys, old):
 _BLOCK = 4096  # entries whose positions _rehash_in_place recomputes at a time
 
 
-@_kernel
+@kernel
 def _rehash_in_place(tkeys, tvals, old_cap, shift):
     """Re-lay a table grown in place: its first `old_cap` positions hold the old table, the rest is EMPTY,
     and `shift` is the new one. Without a second table: the entries are packed to the front (in table
@@ -356,7 +355,7 @@ def as_u64(keys: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(keys)
 
 
-@_kernel
+@kernel
 def _dedup(tkeys, tvals, shift, keys, uniq, inverse, first):
     mask = tvals.shape[0] - 1
     m = 0
@@ -396,11 +395,15 @@ def dedup(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def unique_keys(keys: np.ndarray) -> np.ndarray:
-    """Sorted distinct keys (numpy 2.x's hash-based np.unique is several times slower here)."""
-    return np.sort(dedup(keys)[0])
+    """Sorted distinct keys, as uint64 (numpy 2.x's hash-based np.unique is several times slower here).
+    Keys already sorted and distinct (a Prefetcher's announcement) cost one pass and a copy."""
+    u = as_u64(keys)
+    if _strictly_increasing(u):
+        return u.copy()
+    return np.sort(dedup(u)[0])
 
 
-@_kernel
+@kernel
 def _strictly_increasing(keys):
     for i in range(1, keys.shape[0]):  # noqa: SIM110 - numba compiles the loop, not a generator
         if keys[i] <= keys[i - 1]:

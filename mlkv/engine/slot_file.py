@@ -72,11 +72,11 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
-import numba
 import numpy as np
 
 from ..durable_files import storage_errors
 from ..errors import CorruptionError, PathNotFoundError
+from .kernel import inline_kernel, kernel
 from .key_index import KeyIndex, as_u64, hash64
 from .prefetch import prefetch_at
 from .process_memory import memory_for_files, process_memory
@@ -161,7 +161,7 @@ def slot_bytes_for(row_bytes: int) -> int:
     return 16 + (row_bytes + 7) // 8 * 8
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
+@inline_kernel
 def _mix(z):
     """hash64 (splitmix64's finaliser) of one uint64."""
     z ^= z >> np.uint64(30)
@@ -171,7 +171,7 @@ def _mix(z):
     return z ^ (z >> np.uint64(31))
 
 
-@numba.njit(nogil=True, cache=True)
+@kernel
 def _set_checks(words, c1, c2):
     """Fill the check word of slot records (uint64 words [key | check | row]) from their key and row."""
     for i in range(words.shape[0]):
@@ -184,7 +184,7 @@ def _set_checks(words, c1, c2):
 _AHEAD = 6  # slots prefetched ahead of the one being copied
 
 
-@numba.njit(nogil=True, cache=True)
+@kernel
 def _gather(words, keys, slots, c1, c2, out):
     """out[i] = row words of slot slots[i] (zeros where slots[i] < 0), each verified against keys[i] while
     it is copied (explicit loops: numba's slice copies are ~3x slower here). Every line of the slot
@@ -213,7 +213,7 @@ def _gather(words, keys, slots, c1, c2, out):
     return first, bad
 
 
-@numba.njit(nogil=True, cache=True)
+@kernel
 def _expected_keys(tkeys, tvals, key_at, live):
     """For each entry of a key index's table (tkeys, tvals: key -> slot, -1 empty) key_at[slot] = key and
     live[slot] = True: the key each live slot must hold, in one pass over the table. Returns how many
@@ -229,7 +229,7 @@ def _expected_keys(tkeys, tvals, key_at, live):
     return past
 
 
-@numba.njit(nogil=True, cache=True)
+@kernel
 def _expected_pairs(keys, slots, key_at, live):
     """key_at[slots[i]] = keys[i] for the slots not marked live yet (then marked); returns how many name a
     slot past the end."""
@@ -244,7 +244,7 @@ def _expected_pairs(keys, slots, key_at, live):
     return past
 
 
-@numba.njit(nogil=True, cache=True)
+@kernel
 def _verify_run(words, first, key_at, live, c1, c2, bad):
     """Check the records `words` of slots first, first+1, ...: each live one must hold its key and
     checksum. Slot numbers of the failures go to `bad` (as many as fit); returns how many failed."""

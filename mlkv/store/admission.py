@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 
+from ..engine.kernel import kernel
 from ..errors import InvalidArgumentError
 
 DEPTH = 4
@@ -32,7 +32,7 @@ DEFAULT_WIDTH = 1 << 20
 _SALTS = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93], np.uint64)
 
 
-@numba.njit(nogil=True, cache=True)
+@kernel
 def _mix(z):
     z ^= z >> np.uint64(30)
     z *= np.uint64(0xBF58476D1CE4E5B9)
@@ -42,7 +42,7 @@ def _mix(z):
     return z
 
 
-@numba.njit(nogil=True, cache=True)
+@kernel
 def _count(counters, salts, keys, add, out):
     """out[i] = the estimate of keys[i] after (add=True: conservatively) counting one sighting of it."""
     depth, width = counters.shape

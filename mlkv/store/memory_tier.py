@@ -20,19 +20,18 @@ The rows handed in are already rounded by the table, so that encoding is exact.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
+from ..engine.kernel import kernel
 from ..engine.key_index import KeyIndex, as_u64, home, insert_one, probe, remove_one
 from ..engine.prefetch import prefetch_at, prefetch_row
 from .row_codec import RowCodec
 
 SLOT_OVERHEAD_BYTES = 8 + 8 + 3 + 32
-_kernel = numba.njit(nogil=True, cache=True)
 _AHEAD = 8  # keys between prefetching a key's index entry and its row, and between its row and the copy
 
 
-@_kernel
+@kernel
 def _read_embeddings(tkeys, tvals, shift, keys, emb, lut, ref, out, slots):
     """For each key: slots[i] = its slot (-1: not resident); a resident row's embedding is copied to out[i]
     and its CLOCK bit set. A three-stage pipeline over the keys: prefetch the index entry of key i + 2A,
@@ -61,7 +60,7 @@ def _read_embeddings(tkeys, tvals, shift, keys, emb, lut, ref, out, slots):
                 out[i, j] = emb[s, j] if lut is None else lut[np.int64(emb[s, j])]
 
 
-@_kernel
+@kernel
 def _gather_rows(emb, lut, state, slots, out):
     """out[i] = [emb | state] of slots[i] (explicit loops: one pass, no temporaries)."""
     d, w = emb.shape[1], state.shape[1]
@@ -73,7 +72,7 @@ def _gather_rows(emb, lut, state, slots, out):
             out[i, d + j] = state[s, j]
 
 
-@_kernel
+@kernel
 def _scatter_rows(emb, state, slots, src, rows):
     """emb[slots[i]] = src[i, :dim] (`rows` itself, or its embeddings encoded to 16 bits), state = the rest
     of rows[i]."""
@@ -86,7 +85,7 @@ def _scatter_rows(emb, state, slots, src, rows):
             state[s, j] = rows[i, d + j]
 
 
-@_kernel
+@kernel
 def _adagrad_in_place(emb, state, slots, grads, neg_lr, eps, dirty, ref):
     """Adagrad on resident rows where they lie, in mlkv.optim.Adagrad's (and torch's) float32 operation
     order: sum += g*g; w += (g / (sqrt(sum) + eps)) * -lr; the rows are marked dirty and recently used."""
@@ -106,7 +105,7 @@ def _adagrad_in_place(emb, state, slots, grads, neg_lr, eps, dirty, ref):
         ref[s] = True
 
 
-@_kernel
+@kernel
 def _drop_slots(
     slots, keys, used, dirty, pins, announced, emb, lut, state, index, free, n_free, out_keys, out_rows
 ):
@@ -139,7 +138,7 @@ def _drop_slots(
     return n_dirty, n_free
 
 
-@_kernel
+@kernel
 def _admit(new_keys, src, rows, new_dirty, keys, used, dirty, ref, emb, state, index, free, n_free, slots):
     """Pop a free slot for each new key, store its row (embedding from `src`, as in _scatter_rows) and
     flags, index it. Returns the new n_free."""
@@ -169,7 +168,7 @@ def _admit(new_keys, src, rows, new_dirty, keys, used, dirty, ref, emb, state, i
     return n_free
 
 
-@_kernel
+@kernel
 def _clock(used, pins, announced, ref, hand, n, announced_too, out):
     """CLOCK: from `hand`, take up to n resident, unpinned (and unannounced, unless announced_too) slots
     whose ref bit is clear, clearing the ref bits passed over; at most two sweeps (the first may clear

@@ -37,14 +37,15 @@ import warnings
 import weakref
 from typing import TYPE_CHECKING, Any
 
-import numba
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own spelling
 from torch import Tensor, nn
 
+from ..engine.kernel import kernel
 from ..engine.key_index import unique_inverse
 from ..errors import InvalidArgumentError, InvalidTypeError, UnsupportedError
+from .dedup_memo import MEMO
 
 if TYPE_CHECKING:
     from .sparse_optimizer import SparseOptimizer
@@ -69,12 +70,15 @@ _RENORM_WRITER = _RenormWriter()
 def _dedup(flat: Tensor) -> tuple[Tensor, Tensor]:
     """(distinct keys, inverse) of 1-D int64 keys, like ``torch.unique(flat, return_inverse=True)`` but
     in uint64 order (the store's): the store's hashed, GIL-free dedup, ~50x faster than torch.unique on a
-    CPU batch, and the store finds its keys already sorted and distinct, so a batch is deduplicated once."""
-    uk, inv, _ = unique_inverse(flat.cpu().numpy())
+    CPU batch, and the store finds its keys already sorted and distinct. A batch that a Prefetcher
+    announced was deduplicated on its worker thread already: that result is taken from the memo."""
+    keys = flat.cpu().numpy()
+    got = MEMO.take(keys)
+    uk, inv = got if got is not None else unique_inverse(keys)[:2]
     return torch.from_numpy(uk.view(np.int64)).to(flat.device), torch.from_numpy(inv).to(flat.device)
 
 
-@numba.njit(nogil=True, cache=True)
+@kernel
 def _scatter_bags(idx, starts, ends, grad_out, psw, out):
     """out[idx[j]] += grad_out[b] (* psw[j]) for each position j of each bag b (positions starts[b] to
     ends[b]), in order of j: the sums index_add_ makes, in one GIL-free pass without its temporaries."""

@@ -2,7 +2,8 @@
 
 The loader knows the future: while the training loop works on batch i, a worker thread has already produced
 batches i+1 .. i+depth and called `table.lookahead(keys)` for each, so their rows are moving into the memory
-tier before the model asks for them. Batches come out in the loader's order.
+tier before the model asks for them. Batches come out in the loader's order. Integer keys are deduplicated
+once on the worker thread; the module's forward finds that result in `dedup_memo` instead of repeating it.
 
 Shutdown is always prompt and never leaves a thread behind: the end of the loader, an exception in the
 loader or in `keys` (re-raised in the consuming thread, after the batches before it), `break` out of the
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import InternalError, InvalidArgumentError, InvalidTypeError
+from .dedup_memo import MEMO
 
 #: how long interpreter exit waits for each worker to notice its stop event
 EXIT_JOIN_SECONDS = 1.0
@@ -44,10 +46,19 @@ class _Failure:
         self.exc = exc
 
 
-def _flat_keys(keys: Any) -> Any:
+def _announced(keys: Any) -> Any:
+    """What `lookahead` gets for one table's keys of a batch: integer keys (a tensor or array of int64 or
+    int32) are deduplicated once, through the memo the module's forward reads (dedup_memo); other keys go
+    as they are, flattened (lookahead validates and deduplicates them)."""
     if isinstance(keys, torch.Tensor):
-        return keys.detach().reshape(-1).cpu()
-    return np.asarray(keys).reshape(-1)
+        flat = keys.detach().reshape(-1).cpu()
+        if flat.dtype in (torch.int64, torch.int32):
+            return MEMO.put(flat.to(torch.int64).numpy())[0]
+        return flat
+    flat = np.asarray(keys).reshape(-1)
+    if flat.dtype in (np.int64, np.int32):
+        return MEMO.put(flat.astype(np.int64, copy=False))[0]
+    return flat
 
 
 class _Worker:
@@ -98,7 +109,7 @@ class _Worker:
                 for name, k in wanted.items():
                     if self.stop_event.is_set():
                         return
-                    self._table(name).lookahead(_flat_keys(k))
+                    self._table(name).lookahead(_announced(k))
                 if not self._put((batch,)):
                     return
         except BaseException as e:  # handed to the consumer, which re-raises it

@@ -18,9 +18,9 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 
+from ..engine.kernel import kernel
 from ..errors import InvalidArgumentError
 
 N_DENSE = 13
@@ -162,7 +162,7 @@ def parse_lines(data: bytes | np.ndarray, source: str = "<bytes>", first_line: i
     return _parse_columns(a, source, first_line)
 
 
-@numba.njit(nogil=True, cache=True)
+@kernel
 def _parse_kernel(a, labels, dense, cats, hex_value) -> bool:  # pragma: no cover - compiled
     """One pass over the bytes of `a` (complete lines): False at the first line it does not accept."""
     i, size = 0, len(a)

@@ -791,3 +791,30 @@ def test_a_streamed_snapshot_load_refuses_a_damaged_file(tmp_path, monkeypatch, 
     table_id = 3 if damage == "table_id" else 2
     with pytest.raises(CorruptionError, match=r"t2\.snap"):
         index_log.load_snapshot_into(path, KeyIndex(n), bound, table_id=table_id)
+
+
+@pytest.mark.parametrize("row_bytes", [256, 250])
+def test_slot_file_write_stores_the_records_that_set_checks_makes_and_reads_them_back(tmp_path, row_bytes):
+    """Rows of whole words are stored straight into their slots with the check computed on the way
+    (_put_records); other rows go through zero-padded records (_set_checks). Either way every slot holds
+    [key | check | row | zero padding], the check is _set_checks' for that record, and reads verify it.
+    Slots are written out of order, over slots written before."""
+    n = 5000
+    rng = np.random.default_rng(11)
+    keys = rng.integers(0, 2**64 - 1, n, dtype=np.uint64)
+    rows = rng.integers(0, 256, (n, row_bytes), dtype=np.uint8)
+    slots = rng.permutation(2 * n)[:n].astype(np.int64)
+    f = slot_file.SlotFile(str(tmp_path / "t.slab"), row_bytes, table_id=0)
+    try:
+        f.ensure_capacity(2 * n)
+        f.write(keys, slots, rng.integers(0, 256, (n, row_bytes), dtype=np.uint8))  # overwritten below
+        f.write(keys, slots, rows)
+        expected = np.zeros((n, slot_bytes_for(row_bytes)), dtype=np.uint8)
+        expected[:, 16 : 16 + row_bytes] = rows
+        words = expected.view(np.uint64)
+        words[:, 0] = keys
+        slot_file._set_checks(words, slot_file._C1, slot_file._C2)
+        np.testing.assert_array_equal(f.slots[slots], expected)
+        np.testing.assert_array_equal(f.read(keys, slots), rows)
+    finally:
+        f.close()

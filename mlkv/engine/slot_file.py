@@ -78,7 +78,7 @@ from ..durable_files import storage_errors
 from ..errors import CorruptionError, PathNotFoundError
 from .kernel import inline_kernel, kernel
 from .key_index import KeyIndex, as_u64, hash64
-from .prefetch import prefetch_at
+from .prefetch import prefetch_at, prefetch_for_write_at
 from .process_memory import memory_for_files, process_memory
 
 MAGIC = b"MLKVSLAB"
@@ -182,6 +182,27 @@ def _set_checks(words, c1, c2):
 
 
 _AHEAD = 6  # slots prefetched ahead of the one being copied
+
+
+@kernel
+def _put_records(words, slots, order, keys, rows, c1, c2):
+    """words[slots[i]] = [keys[i] | check | rows[i]] for each i of `order`, the check computed as the row
+    words are stored (what `_set_checks` computes over a record): rows (n, words per slot - 2) uint64. The
+    lines of the slot _AHEAD on are prefetched for writing, so the random stores overlap."""
+    n, m = order.shape[0], rows.shape[1]
+    for t in range(n):
+        if t + _AHEAD < n:
+            for j in range(0, words.shape[1], 8):
+                prefetch_for_write_at(words, slots[order[t + _AHEAD]], j)
+        i = order[t]
+        s = slots[i]
+        acc = np.uint64(0)
+        for j in range(m):
+            w = rows[i, j]
+            words[s, j + 2] = w
+            acc += (w ^ c1[j]) * c2[j]
+        words[s, 0] = keys[i]
+        words[s, 1] = _mix(acc ^ _mix(keys[i]))
 
 
 @kernel
@@ -464,6 +485,14 @@ class SlotFile:
         """Write rows into distinct slots, in slot order; every slot lies below an `ensure_capacity` (its
         bytes are reserved: a store into the mapping cannot meet a full device)."""
         order = np.argsort(slots, kind="stable")
+        if self.row_bytes % 8 == 0:  # rows are whole words: stored straight into the slots, one pass
+            keys, slots = as_u64(keys), np.ascontiguousarray(slots, dtype=np.int64)
+            row_words = np.ascontiguousarray(rows).view(np.uint64)
+            for i in range(0, len(order), _WRITE_BATCH):  # _touch may unmap between parts
+                part = order[i : i + _WRITE_BATCH]
+                _put_records(self.words, slots, part, keys, row_words, _C1, _C2)
+                self._touch(len(part) * _WRITE_MAPS)
+            return
         for i in range(0, len(order), _WRITE_BATCH):  # bounded copies: a tier flush writes GiBs at once
             part = order[i : i + _WRITE_BATCH]
             records = np.zeros((len(part), self.slot_bytes), dtype=np.uint8)

@@ -169,6 +169,17 @@ def _admit(new_keys, src, rows, new_dirty, keys, used, dirty, ref, emb, state, i
 
 
 @kernel
+def _consume(ref, announced, slots, use_announcements):
+    """For each slot >= 0: CLOCK's bit set, and one announcement used up (never below 0)."""
+    for i in range(slots.shape[0]):
+        s = slots[i]
+        if s >= 0:
+            ref[s] = True
+            if use_announcements and announced[s] > 0:
+                announced[s] -= 1
+
+
+@kernel
 def _clock(used, pins, announced, ref, hand, n, announced_too, out):
     """CLOCK: from `hand`, take up to n resident, unpinned (and unannounced, unless announced_too) slots
     whose ref bit is clear, clearing the ref bits passed over; at most two sweeps (the first may clear
@@ -250,6 +261,11 @@ class MemoryTier:
     @property
     def resident(self) -> int:
         return len(self.index)
+
+    def consume(self, slots: np.ndarray, announced: bool) -> None:
+        """Reads of resident `slots` (-1 entries ignored): CLOCK's bit set and, if look-ahead `announced`
+        rows of this tier, one announcement used up each (one pass)."""
+        _consume(self.ref, self.announced, np.ascontiguousarray(slots, dtype=np.int64), announced)
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         return self.index.lookup(keys)

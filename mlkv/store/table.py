@@ -362,12 +362,8 @@ class Table:
         self._store._changed = True
 
     def _consume(self, slots: np.ndarray) -> None:
-        """Reads of resident rows: set CLOCK's bit, use up one look-ahead announcement each."""
-        s = slots[slots >= 0]
-        self.tier.ref[s] = True
-        if self._announced:
-            a = self.tier.announced[s]
-            self.tier.announced[s] = np.maximum(a - 1, 0)
+        """Reads of resident rows: CLOCK's bit set, one look-ahead announcement used up each."""
+        self.tier.consume(slots, self._announced)
 
     def _get_untracked(self, keys: np.ndarray) -> np.ndarray:
         """get(track=False), store lock held. Resident rows are copied out in the same pass that finds them,

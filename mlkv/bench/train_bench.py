@@ -72,7 +72,7 @@ class TrainConfig:
     zipf: float = 1.1
     optimizer: str = "adagrad"
     steps: int = 30
-    warmup: int = 10
+    warmup: int = 100  # untimed steps (warm runs): the tuning Prefetcher's probes while the tier fills
     threads: int = 2
     budgets: tuple[float, ...] = (0.05, 0.10, 0.25)
     lookahead: int = 8
@@ -84,6 +84,7 @@ class TrainConfig:
     path: str | None = None
     seed: int = 0
     progress: bool = True
+    tune_threads: bool = True  # mlkv runs: the Prefetcher times n and n - 1 torch threads, keeps the faster
 
 
 @dataclass
@@ -123,6 +124,7 @@ class RunResult:
     cpu_ms_per_step: float | None = None  # CPU time of all the run's threads per timed step, median
     main_cpu_ms_per_step: float | None = None  # of the training thread alone
     lookahead_dropped: int | None = None  # announced rows that found no room in the tier (mlkv), max
+    torch_threads: list[int] = field(default_factory=list)  # intra-op threads at the end of each repeat
     repeats: list[float] = field(default_factory=list)  # samples/s of each repeat
     hit_rate_steps: list[float] = field(default_factory=list)  # per timed step, first repeat
     stall_steps: list[float] = field(default_factory=list)
@@ -318,6 +320,9 @@ def run_child(spec: dict) -> dict:
     n_warm = cfg.warmup if warm else 0
     first = cfg.warmup  # timed steps are always batches warmup.., so every run times the same batches
     cleanup = []
+    threads_now = (
+        torch.get_num_threads
+    )  # () -> torch intra-op threads now (a tuning Prefetcher may change it)
     stats = None  # () -> (hits, lookups, stall seconds): mlkv runs
     stall = None  # () -> seconds spent waiting for rows so far: naive and mlkv runs
 
@@ -436,7 +441,15 @@ def run_child(spec: dict) -> dict:
 
         order = range(first - n_warm, cfg.warmup + cfg.steps)
         if run.lookahead > 0:
-            it = iter(Prefetcher(order, lambda i: {TABLE: keys_t[i]}, store, depth=run.lookahead))
+            pf = Prefetcher(
+                order, lambda i: {TABLE: keys_t[i]}, store, depth=run.lookahead, tune_threads=cfg.tune_threads
+            )
+            cleanup.append(pf.close)
+            it = iter(pf)
+
+            def threads_now():
+                return pf.tuner.threads if pf.tuner is not None else torch.get_num_threads()
+
         else:
             it = iter(order)
         if run.budget == "all" and warm:  # fully cached: read every row into the tier first
@@ -471,6 +484,7 @@ def run_child(spec: dict) -> dict:
         peak.sample()
     wall = time.perf_counter() - t0
     cpu, main_cpu = time.process_time() - cpu0, time.thread_time() - main0
+    torch_threads = threads_now()
     stall_s = (stall() - s0) if stall else None
     hits = dropped = None
     if stats:
@@ -491,6 +505,7 @@ def run_child(spec: dict) -> dict:
         "peak_rss_file": peak.file,
         "hit_rate_steps": hit_steps,
         "stall_steps": stall_steps,
+        "torch_threads": torch_threads,
     }
 
 
@@ -669,6 +684,7 @@ def run_train_bench(cfg: TrainConfig) -> dict:
                 peak_rss_anon=max(s["peak_rss_anon"] for s in got),
                 peak_rss_file=max(s["peak_rss_file"] for s in got),
                 repeats=[s["samples_per_s"] for s in got],
+                torch_threads=[s.get("torch_threads", cfg.threads) for s in got],
                 hit_rate_steps=got[0]["hit_rate_steps"],
                 stall_steps=got[0]["stall_steps"],
             )
@@ -693,7 +709,9 @@ def format_report(report: dict) -> str:
     lines = [
         f"train bench: {sh['rows']:,} rows x dim {sh['dim']} ({_mib(report['table_bytes'])} MiB with "
         f"{sh['optimizer']} state), batch {sh['batch']} x bag {sh['bag']}, Zipf {sh['zipf']}, "
-        f"{sh['steps']} timed steps, torch threads {sh['threads']}, repeats {sh['repeats']}"
+        f"{sh['steps']} timed steps, torch threads {sh['threads']}"
+        + (" (mlkv's Prefetcher tunes them: n or n - 1)" if sh.get("tune_threads") else "")
+        + f", repeats {sh['repeats']}"
         + (f", memory limit {_mib(sh['memory_limit'])} MiB" if sh["memory_limit"] else ""),
         f"{'regime':6} {'configuration':28} {'samples/s':>10} {'x torch-mem':>11} {'hit rate':>8} "
         f"{'stall':>6} {'cpu ms/step':>11} {'anon MiB':>9} {'file MiB':>9}",
@@ -705,9 +723,16 @@ def format_report(report: dict) -> str:
         ratio = f"{r['ratio_torch_memory']:.2f}" if r["ratio_torch_memory"] is not None else "-"
         hit = f"{r['hit_rate']:.3f}" if r["hit_rate"] is not None else "-"
         stall = f"{r['stall_share']:.0%}" if r["stall_share"] is not None else "-"
+        tuned = r.get("torch_threads") or []
+        threads = (
+            f"  torch threads {'/'.join(map(str, tuned))}"
+            if r["lookahead"] and sh.get("tune_threads")
+            else ""
+        )
         lines.append(
             f"{r['regime']:6} {r['label']:28} {r['samples_per_s']:>10,.0f} {ratio:>11} {hit:>8} {stall:>6} "
             f"{r['cpu_ms_per_step']:>11.1f} {_mib(r['peak_rss_anon']):>9} {_mib(r['peak_rss_file']):>9}"
+            + threads
         )
     lines.append(
         "stall = share of the timed wall time waiting for rows (mlkv: stats()['stall_seconds']; naive: its "
@@ -851,6 +876,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the JSON report as the last line")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    p.add_argument(
+        "--no-tune-threads",
+        action="store_true",
+        help="mlkv runs keep --threads torch threads (default: the Prefetcher keeps n or n - 1, the faster)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -868,7 +898,7 @@ def main(args: argparse.Namespace) -> int:
         optimizer=args.optimizer, steps=args.steps, warmup=args.warmup, threads=args.threads,
         budgets=args.budgets, lookahead=args.lookahead, bound=args.bound, regimes=args.regimes,
         configs=args.configs, repeats=args.repeats, memory_limit=args.memory_limit, path=args.path,
-        seed=args.seed, progress=not args.no_progress,
+        seed=args.seed, progress=not args.no_progress, tune_threads=not args.no_tune_threads,
     )  # fmt: skip
     report = run_train_bench(cfg)
     print(format_report(report))

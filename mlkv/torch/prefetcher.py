@@ -28,6 +28,7 @@ import torch
 
 from ..errors import InternalError, InvalidArgumentError, InvalidTypeError
 from .dedup_memo import MEMO
+from .thread_tuner import ThreadTuner
 
 #: how long interpreter exit waits for each worker to notice its stop event
 EXIT_JOIN_SECONDS = 1.0
@@ -137,8 +138,9 @@ class _Worker:
 
 
 class _PrefetchIterator(Iterator):
-    def __init__(self, worker: _Worker):
+    def __init__(self, worker: _Worker, tuner: ThreadTuner | None):
         self._worker: _Worker | None = worker
+        self._tuner = tuner
 
     def __iter__(self) -> _PrefetchIterator:
         return self
@@ -162,17 +164,23 @@ class _PrefetchIterator(Iterator):
         if isinstance(item, _Failure):
             self.close()
             raise item.exc
+        if self._tuner is not None:
+            self._tuner.step()
         return item[0]
 
     def close(self) -> None:
         w, self._worker = self._worker, None
         if w is not None:
             w.stop(timeout=None)
+        if self._tuner is not None:
+            self._tuner.restore()
 
     def __del__(self) -> None:
         w = self._worker
         if w is not None:
             w.stop(timeout=None)
+        if self._tuner is not None:
+            self._tuner.restore()
 
 
 class Prefetcher:
@@ -185,6 +193,10 @@ class Prefetcher:
             (flattened). Padding keys may be left in: announcing a key only moves or creates its row.
         tables: the Store (``tables.table(name)``) or a mapping ``name -> Table``.
         depth: how many batches may wait, produced and announced, in the queue (>= 1).
+        tune_threads: while the loop runs, time its steps at torch's intra-op thread count n and at n - 1
+            and keep the faster (`thread_tuner`: on few cores, mlkv's I/O threads and torch's compete);
+            n is restored when the pass ends. Off by default: a torch op may sum in another order on
+            another thread count, so results can differ in the last bits from a fixed count.
 
     Use ``for batch in Prefetcher(...)``; ``break`` stops the worker. ``close()`` and the context manager
     stop it too, and wait for the thread (up to ``close_timeout`` seconds). A loader or ``keys`` exception is
@@ -198,6 +210,7 @@ class Prefetcher:
         tables,
         depth: int = 8,
         close_timeout: float = 10.0,
+        tune_threads: bool = False,
     ):
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise InvalidArgumentError(f"depth must be an int >= 1, got {depth!r}")
@@ -214,12 +227,16 @@ class Prefetcher:
         self.tables = tables
         self.depth = depth
         self.close_timeout = close_timeout
+        self.tune_threads = bool(tune_threads)
+        #: the ThreadTuner of the current pass (tune_threads), for its `threads` and `choices`
+        self.tuner: ThreadTuner | None = None
         self._worker: _Worker | None = None
 
     def __iter__(self) -> Iterator:
         self.close()
         self._worker = _Worker(self.loader, self.keys, self.tables, self.depth)
-        return _PrefetchIterator(self._worker)
+        self.tuner = ThreadTuner() if self.tune_threads else None
+        return _PrefetchIterator(self._worker, self.tuner)
 
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
@@ -234,6 +251,8 @@ class Prefetcher:
         w, self._worker = self._worker, None
         if w is not None:
             w.stop(self.close_timeout)
+        if self.tuner is not None:
+            self.tuner.restore()
 
     def __enter__(self) -> Prefetcher:
         return self

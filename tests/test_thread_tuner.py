@@ -1,0 +1,107 @@
+"""ThreadTuner: keeps n - 1 torch threads only where the loop's steps are measurably faster with them,
+probes again when the step time drifts, and always gives the loop's own count back; a Prefetcher tunes
+only when asked to."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from mlkv.torch import Prefetcher
+from mlkv.torch import thread_tuner as tt
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_loop(tuner: tt.ThreadTuner, steps: int, seconds_at) -> list[int]:
+    """Steps whose length is seconds_at(step, torch threads now); returns the thread count of each."""
+    used = []
+    for i in range(steps):
+        tuner.step()
+        n = torch.get_num_threads()
+        used.append(n)
+        time.sleep(seconds_at(i, n))
+    return used
+
+
+def test_keeps_one_thread_less_when_steps_are_faster_with_it_and_restores(two_threads):
+    tuner = tt.ThreadTuner()
+    used = run_loop(tuner, tt.WARMUP + 2 * (tt.WINDOW + 1) + 5, lambda i, n: 0.006 if n == 2 else 0.001)
+    assert tuner.choices == [1]
+    assert used[-5:] == [1] * 5
+    assert 1 in used[: tt.WARMUP + 2 * (tt.WINDOW + 1)] and used[0] == 2  # both counts were timed
+    tuner.restore()
+    assert torch.get_num_threads() == 2
+
+
+def test_keeps_the_loops_count_when_one_less_is_not_faster(two_threads):
+    tuner = tt.ThreadTuner()
+    used = run_loop(tuner, tt.WARMUP + 2 * (tt.WINDOW + 1) + 5, lambda i, n: 0.001 if n == 2 else 0.006)
+    assert tuner.choices == [2]
+    assert used[-5:] == [2] * 5
+
+
+def test_a_drifting_step_time_calls_a_new_probe_that_can_change_the_choice(two_threads):
+    """While the tier fills both counts step alike (the loop's count is kept); once the steps slow down
+    the drift calls a probe, which finds one thread less faster."""
+    first_probe_end = tt.WARMUP + 2 * (tt.WINDOW + 1)
+    switch = first_probe_end + tt.WINDOW
+
+    def seconds(i, n):
+        if i < switch:
+            return 0.002
+        return 0.008 if n == 2 else 0.003
+
+    tuner = tt.ThreadTuner()
+    used = run_loop(tuner, switch + 3 * tt.WINDOW + 2 * (tt.WINDOW + 1) + 3, seconds)
+    assert tuner.choices == [2, 1]
+    assert used[-3:] == [1] * 3
+
+
+def test_a_single_threaded_loop_is_left_alone():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tuner = tt.ThreadTuner()
+        used = run_loop(tuner, tt.WARMUP + 2 * (tt.WINDOW + 1) + 2, lambda i, n: 0.0)
+        assert set(used) == {1} and tuner.choices == []
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Tables:
+    def table(self, name):
+        return self
+
+    def lookahead(self, keys):
+        pass
+
+
+def test_a_prefetcher_tunes_only_when_asked_and_gives_the_count_back_when_the_pass_ends(two_threads):
+    steps = tt.WARMUP + 2 * (tt.WINDOW + 1) + 4
+    plain = Prefetcher(range(steps), lambda b: {"t": torch.tensor([b])}, _Tables(), depth=2)
+    seen = []
+    for _ in plain:
+        seen.append(torch.get_num_threads())
+        time.sleep(0.004 if torch.get_num_threads() == 2 else 0.001)
+    assert set(seen) == {2} and plain.tuner is None
+
+    tuned = Prefetcher(
+        range(steps), lambda b: {"t": torch.tensor([b])}, _Tables(), depth=2, tune_threads=True
+    )
+    for i, _ in enumerate(tuned):
+        time.sleep(0.006 if torch.get_num_threads() == 2 else 0.001)
+        if i == steps - 2:
+            assert torch.get_num_threads() == 1
+            break  # leaving the loop early ends the pass too
+    tuned.close()
+    assert tuned.tuner.choices == [1]
+    assert torch.get_num_threads() == 2

@@ -106,3 +106,16 @@ def test_forward_behind_a_prefetcher_reuses_its_dedup_and_trains_identically(tmp
     assert MEMO.hits - hits == 12  # every forward found its batch deduplicated already
     assert plain[0] == ahead[0]
     np.testing.assert_array_equal(plain[1], ahead[1])
+
+
+def test_every_table_of_a_26_table_batch_at_depth_8_is_kept_until_read():
+    """The main job announces 26 tables per batch, 8 batches ahead: all 234 entries stay until taken."""
+    memo = DedupMemo()
+    batches = [[zipf_keys(1000 * b + t, 512) for t in range(26)] for b in range(9)]
+    for tables in batches:
+        for keys in tables:
+            memo.put(keys)
+    for tables in batches:
+        for keys in tables:
+            assert memo.take(keys) is not None
+    assert len(memo) == 0 and memo.misses == 0

@@ -24,8 +24,9 @@ import numpy as np
 
 from ..engine.key_index import unique_inverse
 
-#: entries kept at most (the Prefetcher's queue holds `depth` batches, each one entry per table)
-MAX_ENTRIES = 64
+#: entries kept at most (the Prefetcher's queue holds `depth` batches, each one entry per table: the
+#: main job's 26 tables at depth 8 need 234)
+MAX_ENTRIES = 1024
 #: bytes of keys, distinct keys and inverses kept at most
 MAX_BYTES = 64 << 20
 
@@ -43,6 +44,7 @@ class DedupMemo:
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self._lock = threading.Lock()
         self._entries: OrderedDict[int, tuple[tuple, np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+        self._by_signature: dict[tuple, list[int]] = {}
         self._next = 0
         self._bytes = 0
         self.hits = self.misses = 0
@@ -58,9 +60,11 @@ class DedupMemo:
         size = keys.nbytes + uk.nbytes + inv.nbytes
         if size > self.max_bytes:
             return uk, inv
-        entry = (_signature(keys), keys.copy(), uk, inv)
+        sig = _signature(keys)
+        entry = (sig, keys.copy(), uk, inv)
         with self._lock:
             self._entries[self._next] = entry
+            self._by_signature.setdefault(sig, []).append(self._next)
             self._next += 1
             self._bytes += size
             while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
@@ -72,7 +76,7 @@ class DedupMemo:
         memo; None if there is none."""
         sig = _signature(keys)
         with self._lock:
-            found = [i for i, e in self._entries.items() if e[0] == sig]
+            found = list(self._by_signature.get(sig, ()))
         for i in found:
             with self._lock:
                 entry = self._entries.get(i)
@@ -89,14 +93,19 @@ class DedupMemo:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._by_signature.clear()
             self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def _drop(self, i: int) -> None:
-        _, keys, uk, inv = self._entries.pop(i)
+        sig, keys, uk, inv = self._entries.pop(i)
         self._bytes -= keys.nbytes + uk.nbytes + inv.nbytes
+        same = self._by_signature[sig]
+        same.remove(i)
+        if not same:
+            del self._by_signature[sig]
 
 
 #: the memo the Prefetcher fills and the modules read

@@ -300,3 +300,22 @@ def test_lookahead_pays_on_a_zipf_workload(tmp_path, store_factory):
     assert ahead["hit_rate"] > plain["hit_rate"]
     assert ahead["stall_seconds"] < plain["stall_seconds"]
     assert plain["evictions"] > 0 and ahead["evictions"] > 0
+
+
+def test_a_read_of_repeated_keys_uses_up_one_announcement_per_key():
+    """An untracked read may name a key many times; it is one read of the batch, so it uses up one of the
+    key's announcements (two batches announced it: one stays) and sets its CLOCK bit."""
+    from mlkv.engine.key_index import hash64
+    from mlkv.store.memory_tier import MemoryTier
+
+    tier = MemoryTier(dim=4)
+    tier.resize(16)
+    keys = hash64(np.arange(3, dtype=np.uint64))
+    slots = tier.admit(keys, np.ones((3, 4), np.float32), np.zeros(3, dtype=bool))
+    tier.announced[slots] = [2, 2, 0]
+    tier.ref[slots] = False
+    tier.consume(np.array([slots[0], slots[0], slots[0], slots[1], slots[2], -1]), announced=True)
+    assert tier.announced[slots].tolist() == [1, 1, 0]
+    assert tier.ref[slots].all()
+    tier.consume(np.array([slots[0]] * 4), announced=False)  # no look-ahead: announcements untouched
+    assert tier.announced[slots].tolist() == [1, 1, 0]

@@ -818,3 +818,17 @@ def test_slot_file_write_stores_the_records_that_set_checks_makes_and_reads_them
         np.testing.assert_array_equal(f.read(keys, slots), rows)
     finally:
         f.close()
+
+
+def test_slot_file_write_refuses_rows_of_the_wrong_width_before_storing_anything(tmp_path):
+    from mlkv.errors import InternalError
+
+    f = slot_file.SlotFile(str(tmp_path / "t.slab"), 256, table_id=0)
+    try:
+        f.ensure_capacity(8)
+        before = f.slots[:8].copy()
+        with pytest.raises(InternalError, match=r"rows must be \(2, 256\) bytes"):
+            f.write(np.array([1, 2], dtype=np.uint64), np.array([0, 1]), np.zeros((2, 264), dtype=np.uint8))
+        np.testing.assert_array_equal(f.slots[:8], before)
+    finally:
+        f.close()

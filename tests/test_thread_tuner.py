@@ -105,3 +105,29 @@ def test_a_prefetcher_tunes_only_when_asked_and_gives_the_count_back_when_the_pa
     tuned.close()
     assert tuned.tuner.choices == [1]
     assert torch.get_num_threads() == 2
+
+
+def test_freeze_ends_a_probe_at_the_kept_count_and_probes_no_more(two_threads):
+    tuner = tt.ThreadTuner()
+    run_loop(tuner, tt.PROBE_STEPS + 1, lambda i, n: 0.006 if n == 2 else 0.001)
+    assert tuner.choices == [1]
+    tuner._next_probe = tuner._steps  # a probe is due now ...
+    tuner.step()
+    assert tuner._plan  # ... and running
+    tuner.freeze()
+    used = run_loop(tuner, 3 * tt.RECHECK // 2, lambda i, n: 0.0)
+    assert set(used) == {1} and tuner.choices == [1]
+
+
+def test_restore_from_another_thread_leaves_the_tuned_threads_count_alone(two_threads):
+    import threading
+
+    tuner = tt.ThreadTuner()
+    run_loop(tuner, tt.PROBE_STEPS + 1, lambda i, n: 0.006 if n == 2 else 0.001)
+    assert torch.get_num_threads() == 1
+    t = threading.Thread(target=tuner.restore)
+    t.start()
+    t.join()
+    assert torch.get_num_threads() == 1 and tuner.threads == 1
+    tuner.restore()
+    assert torch.get_num_threads() == 2

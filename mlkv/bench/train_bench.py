@@ -320,9 +320,7 @@ def run_child(spec: dict) -> dict:
     n_warm = cfg.warmup if warm else 0
     first = cfg.warmup  # timed steps are always batches warmup.., so every run times the same batches
     cleanup = []
-    threads_now = (
-        torch.get_num_threads
-    )  # () -> torch intra-op threads now (a tuning Prefetcher may change it)
+    pf = None  # the mlkv runs' Prefetcher
     stats = None  # () -> (hits, lookups, stall seconds): mlkv runs
     stall = None  # () -> seconds spent waiting for rows so far: naive and mlkv runs
 
@@ -419,6 +417,7 @@ def run_child(spec: dict) -> dict:
         import mlkv
         from mlkv.torch import EmbeddingBag, Prefetcher, SparseOptimizer
 
+        from ..torch.thread_tuner import PROBE_STEPS
         from .lookahead_bench import evict_store
 
         path = os.path.join(root, "slab")
@@ -442,14 +441,15 @@ def run_child(spec: dict) -> dict:
         order = range(first - n_warm, cfg.warmup + cfg.steps)
         if run.lookahead > 0:
             pf = Prefetcher(
-                order, lambda i: {TABLE: keys_t[i]}, store, depth=run.lookahead, tune_threads=cfg.tune_threads
+                order,
+                lambda i: {TABLE: keys_t[i]},
+                store,
+                depth=run.lookahead,
+                # tuned only where the first probe ends in the warm-up; frozen before the timed steps
+                tune_threads=cfg.tune_threads and n_warm >= PROBE_STEPS,
             )
             cleanup.append(pf.close)
             it = iter(pf)
-
-            def threads_now():
-                return pf.tuner.threads if pf.tuner is not None else torch.get_num_threads()
-
         else:
             it = iter(order)
         if run.budget == "all" and warm:  # fully cached: read every row into the tier first
@@ -467,6 +467,8 @@ def run_child(spec: dict) -> dict:
 
     for _ in range(n_warm):
         train(next(it))
+    if pf is not None and pf.tuner is not None:
+        pf.tuner.freeze()
     peak.sample()
     hit_steps, stall_steps = [], []
     prev = first_stats = stats() if stats else None
@@ -484,7 +486,7 @@ def run_child(spec: dict) -> dict:
         peak.sample()
     wall = time.perf_counter() - t0
     cpu, main_cpu = time.process_time() - cpu0, time.thread_time() - main0
-    torch_threads = threads_now()
+    torch_threads = torch.get_num_threads()  # this thread's: what a tuning Prefetcher kept
     stall_s = (stall() - s0) if stall else None
     hits = dropped = None
     if stats:
@@ -710,7 +712,7 @@ def format_report(report: dict) -> str:
         f"train bench: {sh['rows']:,} rows x dim {sh['dim']} ({_mib(report['table_bytes'])} MiB with "
         f"{sh['optimizer']} state), batch {sh['batch']} x bag {sh['bag']}, Zipf {sh['zipf']}, "
         f"{sh['steps']} timed steps, torch threads {sh['threads']}"
-        + (" (mlkv's Prefetcher tunes them: n or n - 1)" if sh.get("tune_threads") else "")
+        + (" (warm mlkv runs: the Prefetcher tunes them, n or n - 1)" if sh.get("tune_threads") else "")
         + f", repeats {sh['repeats']}"
         + (f", memory limit {_mib(sh['memory_limit'])} MiB" if sh["memory_limit"] else ""),
         f"{'regime':6} {'configuration':28} {'samples/s':>10} {'x torch-mem':>11} {'hit rate':>8} "
@@ -726,7 +728,7 @@ def format_report(report: dict) -> str:
         tuned = r.get("torch_threads") or []
         threads = (
             f"  torch threads {'/'.join(map(str, tuned))}"
-            if r["lookahead"] and sh.get("tune_threads")
+            if tuned and r["lookahead"] and r["regime"] == "warm" and sh.get("tune_threads")
             else ""
         )
         lines.append(

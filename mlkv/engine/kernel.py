@@ -13,6 +13,10 @@ steps, gradient scatter) is a numba function compiled with:
   operations in the same order; no fast-math, so no contraction into FMAs and no reassociation).
 
 Integer division by zero gives 0 under this model; no kernel here divides by a value that can be zero.
+
+numba's on-disk cache is keyed by a function's bytecode and its source file's timestamp, not by these
+options: after changing OPTIONS, delete the `__pycache__/*.nbi`/`*.nbc` files (or touch the modules) so
+that every kernel is compiled again.
 """
 
 from __future__ import annotations

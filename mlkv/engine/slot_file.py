@@ -75,7 +75,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..durable_files import storage_errors
-from ..errors import CorruptionError, PathNotFoundError
+from ..errors import CorruptionError, InternalError, PathNotFoundError
 from .kernel import inline_kernel, kernel
 from .key_index import KeyIndex, as_u64, hash64
 from .prefetch import prefetch_at, prefetch_for_write_at
@@ -488,6 +488,11 @@ class SlotFile:
         if self.row_bytes % 8 == 0:  # rows are whole words: stored straight into the slots, one pass
             keys, slots = as_u64(keys), np.ascontiguousarray(slots, dtype=np.int64)
             row_words = np.ascontiguousarray(rows).view(np.uint64)
+            if row_words.shape != (len(keys), self.words.shape[1] - 2) or len(slots) != len(keys):
+                raise InternalError(  # the kernel does not check bounds: refuse what would overrun a slot
+                    f"slot file write of {len(keys)} keys, {len(slots)} slots and rows of shape "
+                    f"{rows.shape}; rows must be ({len(keys)}, {self.row_bytes}) bytes"
+                )
             for i in range(0, len(order), _WRITE_BATCH):  # _touch may unmap between parts
                 part = order[i : i + _WRITE_BATCH]
                 _put_records(self.words, slots, part, keys, row_words, _C1, _C2)

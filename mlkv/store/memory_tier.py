@@ -170,13 +170,21 @@ def _admit(new_keys, src, rows, new_dirty, keys, used, dirty, ref, emb, state, i
 
 @kernel
 def _consume(ref, announced, slots, use_announcements):
-    """For each slot >= 0: CLOCK's bit set, and one announcement used up (never below 0)."""
-    for i in range(slots.shape[0]):
+    """For each distinct slot >= 0 (slots may repeat: an untracked read of repeated keys): CLOCK's bit
+    set, and one announcement used up (never below 0). A slot's count is negated to mark it taken in the
+    first pass, so a repeated slot uses up one announcement, as one read of the batch does."""
+    n = slots.shape[0]
+    for i in range(n):
         s = slots[i]
         if s >= 0:
             ref[s] = True
             if use_announcements and announced[s] > 0:
-                announced[s] -= 1
+                announced[s] = -announced[s]
+    if use_announcements:
+        for i in range(n):
+            s = slots[i]
+            if s >= 0 and announced[s] < 0:
+                announced[s] = -announced[s] - 1
 
 
 @kernel
@@ -263,8 +271,8 @@ class MemoryTier:
         return len(self.index)
 
     def consume(self, slots: np.ndarray, announced: bool) -> None:
-        """Reads of resident `slots` (-1 entries ignored): CLOCK's bit set and, if look-ahead `announced`
-        rows of this tier, one announcement used up each (one pass)."""
+        """Reads of resident `slots` (-1 entries ignored; repeats count once): CLOCK's bit set and, if
+        look-ahead `announced` rows of this tier, one announcement used up each."""
         _consume(self.ref, self.announced, np.ascontiguousarray(slots, dtype=np.int64), announced)
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:

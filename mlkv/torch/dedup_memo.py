@@ -55,13 +55,13 @@ class DedupMemo:
         Returns:
             (sorted distinct keys as uint64, inverse such that distinct[inverse] == keys as uint64)
         """
-        keys = np.ascontiguousarray(keys, dtype=np.int64)
+        keys = np.array(keys, dtype=np.int64, copy=True)  # what is deduplicated is what is kept
         uk, inv, _ = unique_inverse(keys)
         size = keys.nbytes + uk.nbytes + inv.nbytes
         if size > self.max_bytes:
             return uk, inv
         sig = _signature(keys)
-        entry = (sig, keys.copy(), uk, inv)
+        entry = (sig, keys, uk, inv)
         with self._lock:
             self._entries[self._next] = entry
             self._by_signature.setdefault(sig, []).append(self._next)

@@ -23,12 +23,15 @@ Numerics: a torch op may sum in another order on another number of threads, so r
 the last bits from a run at a fixed count; what the code computes is otherwise unchanged. For that
 reason it is opt-in (``Prefetcher(..., tune_threads=True)``).
 
-Thread-safety: called from the consuming thread only; `torch.set_num_threads` is process-wide.
+Thread-safety: called from the consuming thread only. With torch's OpenMP backend the thread count is
+per thread: the tuner sets (and restores) it on the thread that calls `step`; a `restore()` from another
+thread (a `close()` there, garbage collection) cannot reach that thread's count and leaves it alone.
 """
 
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 
 import torch
@@ -43,6 +46,8 @@ RECHECK = 400
 MARGIN = 0.03
 #: a relative change of the median step (a window against the first after a probe) that calls a new probe
 DRIFT = 0.15
+#: steps from the first until the first probe has decided
+PROBE_STEPS = WARMUP + 2 * (WINDOW + 1)
 
 
 class ThreadTuner:
@@ -62,6 +67,7 @@ class ThreadTuner:
         self._timed: dict[int, list[float]] = {}
         self._next_probe = WARMUP
         self._window: list[float] = []  # step times since the last probe, WINDOW at a time
+        self._owner: int | None = None  # the thread whose count is tuned (the first to call step)
         self._ref: float | None = None  # median step of the first window after the last probe
 
     @property
@@ -72,6 +78,8 @@ class ThreadTuner:
         """One more batch handed to the loop: time the step that just ended, move the probe on."""
         if not self.active:
             return
+        if self._owner is None:
+            self._owner = threading.get_ident()
         now = time.perf_counter()
         if self._last is not None and self._plan:
             n = self._plan.pop(0)
@@ -123,8 +131,19 @@ class ThreadTuner:
             torch.set_num_threads(n)
             self.threads = n
 
+    def freeze(self) -> None:
+        """Keep the count now in use (the last probe's choice; the loop's own mid-probe) and probe no more:
+        for a measurement whose timed steps must all run at one count."""
+        if self._plan:
+            self._plan = []
+            self._set(self.choices[-1] if self.choices else self.initial)
+        self._next_probe = float("inf")
+        self._window, self._ref = [], None
+
     def restore(self) -> None:
-        """Put the thread count found at the start back (idempotent)."""
+        """Put the thread count found at the start back (idempotent; on the tuned thread only)."""
+        if self._owner is not None and self._owner != threading.get_ident():
+            return
         if self.active and self.threads != self.initial:
             torch.set_num_threads(self.initial)
             self.threads = self.initial

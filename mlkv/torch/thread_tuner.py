@@ -9,13 +9,14 @@ table (little background work), 2 threads trained at 306-339K and 1 at 217-268K.
 workload, so the tuner measures the loop itself.
 
 Protocol: the step time is the time between two batches handed to the loop (Prefetcher's `__next__`).
-After WARMUP steps, it times WINDOW steps at the loop's own count n and WINDOW steps at n - 1, and keeps
-n - 1 only if its median step is at least MARGIN faster. The first step of each window is not counted
-(it pays the switch). It probes again after RECHECK steps, or sooner when the median step of a window
-has moved by more than DRIFT from the first window after the last probe: a tier that fills up early in a
-run does less background work than the same tier evicting later, and the better count changes with it
-(in the 10 % run above both counts stepped in 13.6 ms while the tier filled, then 2 threads took 17.5 ms
-and 1 thread 15.4 ms).
+After WARMUP steps, a probe times BLOCKS blocks of BLOCK steps at the loop's own count n interleaved with
+as many at n - 1, in the order n, n - 1, n - 1, n, n, ... (so that a run speeding up or slowing down
+meanwhile, as a tier filling up does, weighs on both alike), and keeps n - 1 only if its median step is
+at least MARGIN faster. The first step of each block is not counted (it pays the switch). It probes again
+after RECHECK steps, or sooner when the median step of a WINDOW of steps has moved by more than DRIFT
+from the first window after the last probe: a tier that fills up early in a run does less background
+work than the same tier evicting later, and the better count changes with it (in the 10 % run above
+both counts stepped in 13.6 ms while the tier filled, then 2 threads took 17.5 ms and 1 thread 15.4 ms).
 `restore()` sets the count found at the start back; the Prefetcher calls it when its pass ends (end of
 the loader, break, close, an error).
 
@@ -40,6 +41,8 @@ import torch
 WARMUP = 8
 #: steps timed at each thread count per probe
 WINDOW = 12
+#: a probe: BLOCKS blocks of BLOCK timed steps at each count, interleaved n, n - 1, n - 1, n, ...
+BLOCKS, BLOCK = 4, 3
 #: steps between probes once settled
 RECHECK = 400
 #: how much faster (median step) the smaller count must be to be kept
@@ -47,7 +50,7 @@ MARGIN = 0.03
 #: a relative change of the median step (a window against the first after a probe) that calls a new probe
 DRIFT = 0.15
 #: steps from the first until the first probe has decided
-PROBE_STEPS = WARMUP + 2 * (WINDOW + 1)
+PROBE_STEPS = WARMUP + 2 * BLOCKS * (BLOCK + 1)
 
 
 class ThreadTuner:
@@ -113,7 +116,8 @@ class ThreadTuner:
     def _start_probe(self) -> None:
         lo, hi = self.initial - 1, self.initial
         # None: a step not counted (the one that pays the switch)
-        self._plan = [None, *[hi] * WINDOW, None, *[lo] * WINDOW]
+        order = [n for b in range(BLOCKS) for n in ((hi, lo) if b % 2 == 0 else (lo, hi))]  # n, n-1, n-1, n
+        self._plan = [x for n in order for x in (None, *[n] * BLOCK)]
         self._timed = {}
 
     def _decide(self) -> None:
@@ -132,11 +136,16 @@ class ThreadTuner:
             self.threads = n
 
     def freeze(self) -> None:
-        """Keep the count now in use (the last probe's choice; the loop's own mid-probe) and probe no more:
-        for a measurement whose timed steps must all run at one count."""
+        """Settle on one count and probe no more (for a measurement whose timed steps must all run at one
+        count): the last probe's choice, or, mid-probe, the choice from the steps it has timed so far
+        (both counts at least one block), else the one before."""
         if self._plan:
             self._plan = []
-            self._set(self.choices[-1] if self.choices else self.initial)
+            timed = [len(self._timed.get(n, ())) for n in (self.initial, self.initial - 1)]
+            if min(timed) >= BLOCK:  # a probe under way has timed both counts: decide on what it has
+                self._decide()
+            else:
+                self._set(self.choices[-1] if self.choices else self.initial)
         self._next_probe = float("inf")
         self._window, self._ref = [], None
 

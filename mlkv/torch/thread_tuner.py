@@ -37,9 +37,10 @@ import time
 
 import torch
 
-#: steps before the first probe (compilation, warm caches, the look-ahead filling up)
-WARMUP = 8
-#: steps timed at each thread count per probe
+#: steps before the first probe (compilation, warm caches, the look-ahead and the tier filling up: in the
+#: bench's 10 % run the step time settled after 40-60 steps)
+WARMUP = 48
+#: steps per window of the drift check between probes
 WINDOW = 12
 #: a probe: BLOCKS blocks of BLOCK timed steps at each count, interleaved n, n - 1, n - 1, n, ...
 BLOCKS, BLOCK = 4, 3

@@ -270,6 +270,34 @@ class MemoryTier:
     def resident(self) -> int:
         return len(self.index)
 
+    # ---- holds on rows: pins and announcements (module header: such rows are never evicted) -----------
+    def pin(self, slots: np.ndarray) -> None:
+        """Hold resident `slots` (distinct) while an operation runs with the store lock released: a pinned
+        row is never evicted or removed (a resize may move it: `moves` counts that)."""
+        self.pins[slots] += 1
+
+    def unpin(self, slots: np.ndarray) -> None:
+        """Release one hold of each of `slots` (distinct; -1 entries ignored)."""
+        s = slots[slots >= 0]
+        self.pins[s] = np.maximum(self.pins[s] - 1, 0)
+
+    def pinned(self, slots: np.ndarray) -> np.ndarray:
+        """Whether each of `slots` is pinned (False for -1)."""
+        out = np.zeros(len(slots), dtype=bool)
+        ok = slots >= 0
+        out[ok] = self.pins[slots[ok]] > 0
+        return out
+
+    def announce(self, slots: np.ndarray, counts: np.ndarray | int = 1) -> None:
+        """Look-ahead announced `counts` coming reads of resident `slots` (distinct): each stays resident
+        (unless a demand read finds nothing else to evict) until those reads `consume` it."""
+        self.announced[slots] += counts
+
+    def mark_written(self, slots: np.ndarray) -> None:
+        """Rows just stored into `slots`: dirty (written back before they are dropped) and recently used."""
+        self.dirty[slots] = True
+        self.ref[slots] = True
+
     def consume(self, slots: np.ndarray, announced: bool) -> None:
         """Reads of resident `slots` (-1 entries ignored; repeats count once): CLOCK's bit set and, if
         look-ahead `announced` rows of this tier, one announcement used up each."""

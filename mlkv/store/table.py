@@ -290,7 +290,7 @@ class Table:
             busy = len(self._inflight) and (self._inflight.lookup(keys) >= 0).any()
             if not busy:
                 slots = tier.lookup(keys)
-                busy = (tier.pins[slots[slots >= 0]] > 0).any()
+                busy = tier.pinned(slots).any()
             if not busy:
                 return
             self._store._cond.wait()
@@ -319,7 +319,7 @@ class Table:
             slots = None
         hit_at = np.flatnonzero(~miss)
         hit_keys = keys[hit_at]
-        tier.pins[slots[hit_at]] += 1  # keep the batch's resident rows while the lock is released
+        tier.pin(slots[hit_at])  # keep the batch's resident rows while the lock is released
         st._stats["hits"] += len(hit_keys)
         miss_at = np.flatnonzero(miss)
         moves = tier.moves  # unchanged: every slot found so far still holds its key (pinned rows stay)
@@ -329,8 +329,7 @@ class Table:
             placed = tier.admit(keys[miss_at], loaded, created)
         finally:
             hit_slots = slots[hit_at] if tier.moves == moves else tier.lookup(hit_keys)
-            held = hit_slots[hit_slots >= 0]  # all of them: a delete waits for pins, eviction skips them
-            tier.pins[held] = np.maximum(tier.pins[held] - 1, 0)
+            tier.unpin(hit_slots)  # all of them: a delete waits for pins, eviction skips them
             st._cond.notify_all()  # a delete may be waiting for these pins
         slots = slots.copy()
         slots[miss_at] = placed
@@ -355,8 +354,7 @@ class Table:
         inside = slots >= 0
         s = slots[inside]
         tier.set_rows(s, rows[inside], None if bits is None else bits[inside])
-        tier.dirty[s] = True
-        tier.ref[s] = True
+        tier.mark_written(s)
         if not inside.all():
             self._queue_write(keys[~inside], rows[~inside])
         self._store._changed = True
@@ -575,7 +573,7 @@ class Table:
         or removed meanwhile); return the keys' slots as of after it (a resize may move pinned rows)."""
         tier, st = self.tier, self._store
         resident = slots >= 0
-        tier.pins[slots[resident]] += 1
+        tier.pin(slots[resident])
         moves = tier.moves
         st._lock.release()
         try:
@@ -584,8 +582,7 @@ class Table:
             st._lock.acquire()
             if tier.moves != moves:
                 slots = tier.lookup(keys)
-            held = slots[resident]
-            tier.pins[held] = np.maximum(tier.pins[held] - 1, 0)
+            tier.unpin(slots[resident])
             st._cond.notify_all()  # a delete may be waiting for these pins
         return slots
 
@@ -746,7 +743,7 @@ class Table:
                 uk = uk[self._exists(uk)]
             slots = self.tier.lookup(uk)
             resident = slots >= 0
-            self.tier.announced[slots[resident]] += 1
+            self.tier.announce(slots[resident])
             self._announced = True
             todo = uk[~resident]
             if len(self._inflight):
@@ -789,7 +786,7 @@ class Table:
             created &= not st.readonly
             slots = self.tier.admit(keys, rows, created)
             placed = slots >= 0
-            self.tier.announced[slots[placed]] += 1 + more[placed].astype(np.int32)
+            self.tier.announce(slots[placed], 1 + more[placed].astype(np.int32))
             spilled = created & ~placed  # a created key exists from now on, cached or not
             self._queue_write(keys[spilled], rows[spilled])
             self._count += int(created.sum())
@@ -933,8 +930,7 @@ class Table:
             drop[oldest] = True
         gone = keys[drop]
         where = self.tier.lookup(gone)
-        busy = np.zeros(len(gone), dtype=bool)
-        busy[where >= 0] = self.tier.pins[where[where >= 0]] > 0
+        busy = self.tier.pinned(where)
         if len(self._inflight):
             busy |= self._inflight.lookup(gone) >= 0
         gone = gone[~busy]  # a read in progress holds them: they stay until the next expire

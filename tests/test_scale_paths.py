@@ -14,7 +14,7 @@ import pytest
 import mlkv
 from mlkv.cli import main
 from mlkv.engine import index_log, slab, slot_file
-from mlkv.engine.key_index import KeyIndex
+from mlkv.engine.key_index import KeyIndex, hash64
 from mlkv.engine.manifest import read_manifest, write_manifest
 from mlkv.engine.process_memory import process_memory
 from mlkv.engine.slot_file import HEADER_BYTES, slot_bytes_for
@@ -794,11 +794,11 @@ def test_a_streamed_snapshot_load_refuses_a_damaged_file(tmp_path, monkeypatch, 
 
 
 @pytest.mark.parametrize("row_bytes", [256, 250])
-def test_slot_file_write_stores_the_records_that_set_checks_makes_and_reads_them_back(tmp_path, row_bytes):
-    """Rows of whole words are stored straight into their slots with the check computed on the way
-    (_put_records); other rows go through zero-padded records (_set_checks). Either way every slot holds
-    [key | check | row | zero padding], the check is _set_checks' for that record, and reads verify it.
-    Slots are written out of order, over slots written before."""
+def test_slot_file_write_stores_key_check_row_and_zero_padding_and_reads_them_back(tmp_path, row_bytes):
+    """Every written slot holds [key | check | row | zero padding to whole words], the check being
+    splitmix64(sum_j (w_j ^ c1_j) * c2_j ^ splitmix64(key)) over the row's words (computed here with
+    numpy, apart from the kernels), and reads verify it. Slots are written out of order, over slots
+    written before; a row width that is not whole words is padded."""
     n = 5000
     rng = np.random.default_rng(11)
     keys = rng.integers(0, 2**64 - 1, n, dtype=np.uint64)
@@ -813,7 +813,9 @@ def test_slot_file_write_stores_the_records_that_set_checks_makes_and_reads_them
         expected[:, 16 : 16 + row_bytes] = rows
         words = expected.view(np.uint64)
         words[:, 0] = keys
-        slot_file._set_checks(words, slot_file._C1, slot_file._C2)
+        m = words.shape[1] - 2
+        acc = ((words[:, 2:] ^ slot_file._C1[:m]) * slot_file._C2[:m]).sum(axis=1, dtype=np.uint64)
+        words[:, 1] = hash64(acc ^ hash64(keys))
         np.testing.assert_array_equal(f.slots[slots], expected)
         np.testing.assert_array_equal(f.read(keys, slots), rows)
     finally:

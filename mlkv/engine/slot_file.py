@@ -171,14 +171,10 @@ def _mix(z):
     return z ^ (z >> np.uint64(31))
 
 
-@kernel
-def _set_checks(words, c1, c2):
-    """Fill the check word of slot records (uint64 words [key | check | row]) from their key and row."""
-    for i in range(words.shape[0]):
-        acc = np.uint64(0)
-        for j in range(2, words.shape[1]):
-            acc += (words[i, j] ^ c1[j - 2]) * c2[j - 2]
-        words[i, 1] = _mix(acc ^ _mix(words[i, 0]))
+@inline_kernel
+def _check(acc, key):
+    """A slot's check word: its row words' weighted sum `acc` (of (w ^ c1[j]) * c2[j]) bound to its key."""
+    return _mix(acc ^ _mix(key))
 
 
 _AHEAD = 6  # slots prefetched ahead of the one being copied
@@ -187,8 +183,8 @@ _AHEAD = 6  # slots prefetched ahead of the one being copied
 @kernel
 def _put_records(words, slots, order, keys, rows, c1, c2):
     """words[slots[i]] = [keys[i] | check | rows[i]] for each i of `order`, the check computed as the row
-    words are stored (what `_set_checks` computes over a record): rows (n, words per slot - 2) uint64. The
-    lines of the slot _AHEAD on are prefetched for writing, so the random stores overlap."""
+    words are stored: rows (n, words per slot - 2) uint64, a row's bytes then zero padding. The lines of
+    the slot _AHEAD on are prefetched for writing, so the random stores overlap."""
     n, m = order.shape[0], rows.shape[1]
     for t in range(n):
         if t + _AHEAD < n:
@@ -202,7 +198,7 @@ def _put_records(words, slots, order, keys, rows, c1, c2):
             words[s, j + 2] = w
             acc += (w ^ c1[j]) * c2[j]
         words[s, 0] = keys[i]
-        words[s, 1] = _mix(acc ^ _mix(keys[i]))
+        words[s, 1] = _check(acc, keys[i])
 
 
 @kernel
@@ -227,7 +223,7 @@ def _gather(words, keys, slots, c1, c2, out):
             w = words[s, j + 2]
             out[i, j] = w
             acc += (w ^ c1[j]) * c2[j]
-        if words[s, 0] != keys[i] or words[s, 1] != _mix(acc ^ _mix(keys[i])):
+        if words[s, 0] != keys[i] or words[s, 1] != _check(acc, keys[i]):
             bad += 1
             if first < 0:
                 first = i
@@ -278,7 +274,7 @@ def _verify_run(words, first, key_at, live, c1, c2, bad):
         for j in range(m):
             acc += (words[i, j + 2] ^ c1[j]) * c2[j]
         k = key_at[s]
-        if words[i, 0] != k or words[i, 1] != _mix(acc ^ _mix(k)):
+        if words[i, 0] != k or words[i, 1] != _check(acc, k):
             if nbad < bad.shape[0]:
                 bad[nbad] = s
             nbad += 1
@@ -484,28 +480,24 @@ class SlotFile:
     def write(self, keys: np.ndarray, slots: np.ndarray, rows: np.ndarray) -> None:
         """Write rows into distinct slots, in slot order; every slot lies below an `ensure_capacity` (its
         bytes are reserved: a store into the mapping cannot meet a full device)."""
+        keys, slots = as_u64(keys), np.ascontiguousarray(slots, dtype=np.int64)
+        if rows.shape != (len(keys), self.row_bytes) or len(slots) != len(keys):
+            raise InternalError(  # the kernel does not check bounds: refuse what would overrun a slot
+                f"slot file write of {len(keys)} keys, {len(slots)} slots and rows of shape "
+                f"{rows.shape}; rows must be ({len(keys)}, {self.row_bytes}) bytes"
+            )
         order = np.argsort(slots, kind="stable")
-        if self.row_bytes % 8 == 0:  # rows are whole words: stored straight into the slots, one pass
-            keys, slots = as_u64(keys), np.ascontiguousarray(slots, dtype=np.int64)
-            row_words = np.ascontiguousarray(rows).view(np.uint64)
-            if row_words.shape != (len(keys), self.words.shape[1] - 2) or len(slots) != len(keys):
-                raise InternalError(  # the kernel does not check bounds: refuse what would overrun a slot
-                    f"slot file write of {len(keys)} keys, {len(slots)} slots and rows of shape "
-                    f"{rows.shape}; rows must be ({len(keys)}, {self.row_bytes}) bytes"
-                )
-            for i in range(0, len(order), _WRITE_BATCH):  # _touch may unmap between parts
-                part = order[i : i + _WRITE_BATCH]
-                _put_records(self.words, slots, part, keys, row_words, _C1, _C2)
-                self._touch(len(part) * _WRITE_MAPS)
-            return
-        for i in range(0, len(order), _WRITE_BATCH):  # bounded copies: a tier flush writes GiBs at once
+        whole = self.row_bytes % 8 == 0  # rows of whole words are stored straight from `rows`
+        row_words = np.ascontiguousarray(rows).view(np.uint64) if whole else None
+        for i in range(0, len(order), _WRITE_BATCH):  # _touch may unmap between parts
             part = order[i : i + _WRITE_BATCH]
-            records = np.zeros((len(part), self.slot_bytes), dtype=np.uint8)
-            records[:, 16 : 16 + self.row_bytes] = rows[part]
-            words = records.view(np.uint64)
-            words[:, 0] = keys[part]
-            _set_checks(words, _C1, _C2)
-            self.slots[slots[part]] = records
+            if whole:
+                _put_records(self.words, slots, part, keys, row_words, _C1, _C2)
+            else:  # zero-padded to whole words, a part at a time (a tier flush writes GiBs at once)
+                padded = np.zeros((len(part), self.slot_bytes - 16), dtype=np.uint8)
+                padded[:, : self.row_bytes] = rows[part]
+                at = np.arange(len(part))
+                _put_records(self.words, slots[part], at, keys[part], padded.view(np.uint64), _C1, _C2)
             self._touch(len(part) * _WRITE_MAPS)
 
     def verify(

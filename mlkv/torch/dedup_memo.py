@@ -10,9 +10,10 @@ to those it was made from (the entry keeps a copy; the comparison costs ~15 us f
 buffer that the loader reuses or changes in place can never get another batch's result, and a miss only
 means the forward deduplicates itself.
 
-Thread-safe (one lock, held for dictionary work only, never for a dedup). Bounded: at most MAX_ENTRIES
-entries and MAX_BYTES of arrays; the oldest go first. `take` removes the entry it returns (a batch is read
-once, as a rule); entries that nobody takes (keys announced for a table no module reads) age out.
+Thread-safe (one lock, held for dictionary work and comparisons, never for a dedup). Bounded: at most
+MAX_ENTRIES entries and MAX_BYTES of arrays; the oldest go first. `take` removes the entry it returns (a
+batch is read once, as a rule); entries that nobody takes (keys announced for a table no module reads)
+age out.
 """
 
 from __future__ import annotations
@@ -75,18 +76,13 @@ class DedupMemo:
         """The (distinct, inverse) that `put` made from keys equal to `keys` (1-D int64), removed from the
         memo; None if there is none."""
         sig = _signature(keys)
-        with self._lock:
-            found = list(self._by_signature.get(sig, ()))
-        for i in found:
-            with self._lock:
-                entry = self._entries.get(i)
-            if entry is not None and np.array_equal(entry[1], keys):
-                with self._lock:
-                    if i in self._entries:
-                        self._drop(i)
+        with self._lock:  # the comparison is ~3 us for 4,096 keys: held throughout
+            for i in self._by_signature.get(sig, ()):
+                _, kept, uk, inv = self._entries[i]
+                if np.array_equal(kept, keys):
+                    self._drop(i)
                     self.hits += 1
-                return entry[2], entry[3]
-        with self._lock:
+                    return uk, inv
             self.misses += 1
         return None
 

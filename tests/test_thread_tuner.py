@@ -148,3 +148,10 @@ def test_freeze_in_the_middle_of_a_probe_decides_on_the_steps_timed_so_far(two_t
     assert tuner._plan and tuner.choices == []  # both counts timed, the probe not finished
     tuner.freeze()
     assert tuner.choices == [1] and torch.get_num_threads() == 1
+
+
+def test_a_prefetcher_refuses_a_tune_threads_that_is_not_a_bool():
+    from mlkv.errors import InvalidTypeError
+
+    with pytest.raises(InvalidTypeError, match="tune_threads must be a bool, got str"):
+        Prefetcher(range(3), lambda b: {"t": torch.tensor([b])}, _Tables(), tune_threads="yes")

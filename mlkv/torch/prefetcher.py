@@ -214,6 +214,8 @@ class Prefetcher:
     ):
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise InvalidArgumentError(f"depth must be an int >= 1, got {depth!r}")
+        if not isinstance(tune_threads, (bool, np.bool_)):
+            raise InvalidTypeError(f"tune_threads must be a bool, got {type(tune_threads).__name__}")
         if not callable(keys):
             raise InvalidTypeError(
                 f"keys must be a callable batch -> {{table: keys}}, got {type(keys).__name__}"

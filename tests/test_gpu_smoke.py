@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mlkv
-from mlkv.torch import Embedding, EmbeddingBag, SparseOptimizer
+from mlkv.torch import Embedding, EmbeddingBag, EmbeddingBagCollection, SparseOptimizer
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"
@@ -25,9 +25,12 @@ def run(tmp_path, device: str):
             store.table("user", dim=16, optimizer=mlkv.optim.Adagrad(lr=0.1)), mode="mean", device=device
         )
         item = Embedding(store.table("item", dim=16, optimizer=mlkv.optim.Adam(lr=0.01)), padding_idx=0)
+        feats = EmbeddingBagCollection(
+            [store.table(f"f{i}", dim=16, optimizer=mlkv.optim.SGD(lr=0.05)) for i in range(2)]
+        )
         torch.manual_seed(0)
         head = torch.nn.Linear(16, 1)
-        model = torch.nn.ModuleDict({"user": user, "item": item, "head": head}).to(device)
+        model = torch.nn.ModuleDict({"user": user, "item": item, "feats": feats, "head": head}).to(device)
         assert item.device.type == torch.device(device).type  # followed .to(device)
         sparse_opt = SparseOptimizer(model)
         dense_opt = torch.optim.SGD(head.parameters(), lr=0.1)
@@ -35,8 +38,9 @@ def run(tmp_path, device: str):
         for _ in range(5):
             users = torch.from_numpy(rng.integers(0, 300, size=(64, 4))).to(device)
             items = torch.from_numpy(rng.integers(0, 100, size=(64, 2))).to(device)
+            fk = torch.from_numpy(rng.integers(0, 50, size=(64, 2, 3))).to(device)
             target = torch.from_numpy(rng.random(64, dtype=np.float32)).to(device)
-            out = user(users) + item(items).sum(1)
+            out = user(users) + item(items).sum(1) + feats(fk).sum(1)
             assert out.device.type == torch.device(device).type
             outputs.append(out.detach().cpu())
             loss = torch.nn.functional.mse_loss(head(out).squeeze(1), target)
@@ -47,7 +51,8 @@ def run(tmp_path, device: str):
             sparse_opt.step()
             losses.append(loss.item())
         rows = {
-            n: np.asarray(store.table(n).get(np.arange(300), track=False)).copy() for n in ("user", "item")
+            n: np.asarray(store.table(n).get(np.arange(300), track=False)).copy()
+            for n in ("user", "item", "f0", "f1")
         }
         return losses, outputs, rows, {k: v.detach().cpu() for k, v in head.state_dict().items()}
 

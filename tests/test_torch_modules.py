@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from torch_helpers import SpyTable
 
 import mlkv
 from mlkv.torch import Embedding, EmbeddingBag, SparseOptimizer, load_checkpoint, save_checkpoint
@@ -25,42 +26,6 @@ DIM = 6
 #: keys spread over the whole int64 range (hashed ids), a few of them repeated by every batch
 UNIVERSE = np.array([-(2**63), -7, 0, 1, 2, 3, 5, 8, 13, 21, 2**40 + 1, 2**63 - 1], dtype=np.int64)
 PAD = 13
-
-
-class SpyTable:
-    """A Table that logs every get/update/release and keeps the staleness books of each reader."""
-
-    def __init__(self, table: mlkv.Table):
-        self._t = table
-        self.gets: list[tuple[np.ndarray, bool, object]] = []
-        self.updates: list[tuple[np.ndarray, object]] = []
-        self.releases: list[tuple[np.ndarray, object]] = []
-        self.held: dict[object, set[int]] = {}
-
-    def __getattr__(self, name):
-        return getattr(self._t, name)
-
-    def get(self, keys, track=True, reader=None):
-        k = np.asarray(keys).copy()
-        self.gets.append((k, track, reader))
-        if track:
-            self.held.setdefault(reader, set()).update(k.tolist())
-        return self._t.get(keys, track=track, reader=reader)
-
-    def update(self, keys, grads, reader=None, **kw):
-        k = np.asarray(keys).copy()
-        self.updates.append((k, reader))
-        self.held.get(reader, set()).difference_update(k.tolist())
-        return self._t.update(keys, grads, reader=reader, **kw)
-
-    def release(self, keys, reader=None):
-        k = np.asarray(keys).copy()
-        self.releases.append((k, reader))
-        self.held.get(reader, set()).difference_update(k.tolist())
-        return self._t.release(keys, reader=reader)
-
-    def outstanding(self) -> int:
-        return sum(len(v) for v in self.held.values())
 
 
 @pytest.fixture
@@ -770,7 +735,7 @@ def test_scale_grad_by_freq_is_refused_in_max_mode(store):
 def test_bag_gradient_scatter_equals_torchs_embedding_bag_backward(dtype, weighted, last):
     """The one-pass gradient scatter behind EmbeddingBag(mode="sum") and Embedding, on both of its paths,
     against torch's own backward: bags of varied sizes, empty ones included, per_sample_weights or not."""
-    from mlkv.torch.modules import _bag_grad
+    from mlkv.torch.modules import bag_grad
 
     rng = np.random.default_rng(3)
     rows, dim = 40, 5
@@ -790,7 +755,7 @@ def test_bag_gradient_scatter_equals_torchs_embedding_bag_backward(dtype, weight
     out.backward(g)
     starts = offsets[:-1] if last else offsets
     ends = offsets[1:] if last else torch.cat([offsets[1:], torch.tensor([n])])
-    got = _bag_grad(rows, flat, starts, ends, g, psw)
+    got = bag_grad(rows, flat, starts, ends, g, psw)
     assert got.dtype == dtype
     torch.testing.assert_close(got, w.grad, rtol=1e-6, atol=1e-6)
 

@@ -9,8 +9,17 @@ for batch in Prefetcher(loader, keys=lambda b: {"user": b["user_ids"]}, tables=s
 """
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .collection import EmbeddingBagCollection
 from .modules import Embedding, EmbeddingBag
 from .prefetcher import Prefetcher
 from .sparse_optimizer import SparseOptimizer
 
-__all__ = ["Embedding", "EmbeddingBag", "Prefetcher", "SparseOptimizer", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "Embedding",
+    "EmbeddingBag",
+    "EmbeddingBagCollection",
+    "Prefetcher",
+    "SparseOptimizer",
+    "load_checkpoint",
+    "save_checkpoint",
+]

@@ -67,15 +67,20 @@ class _RenormWriter:
 _RENORM_WRITER = _RenormWriter()
 
 
-def _dedup(flat: Tensor) -> tuple[Tensor, Tensor]:
-    """(distinct keys, inverse) of 1-D int64 keys, like ``torch.unique(flat, return_inverse=True)`` but
+def dedup_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct int64 keys, inverse) of 1-D int64 keys, like ``np.unique(keys, return_inverse=True)`` but
     in uint64 order (the store's): the store's hashed, GIL-free dedup, ~50x faster than torch.unique on a
     CPU batch, and the store finds its keys already sorted and distinct. A batch that a Prefetcher
     announced was deduplicated on its worker thread already: that result is taken from the memo."""
-    keys = flat.cpu().numpy()
     got = MEMO.take(keys)
     uk, inv = got if got is not None else unique_inverse(keys)[:2]
-    return torch.from_numpy(uk.view(np.int64)).to(flat.device), torch.from_numpy(inv).to(flat.device)
+    return uk.view(np.int64), inv
+
+
+def _dedup(flat: Tensor) -> tuple[Tensor, Tensor]:
+    """dedup_keys of a 1-D int64 tensor, as tensors on its device."""
+    uk, inv = dedup_keys(flat.cpu().numpy())
+    return torch.from_numpy(uk).to(flat.device), torch.from_numpy(inv).to(flat.device)
 
 
 @kernel
@@ -98,7 +103,7 @@ def _scatter_bags(idx, starts, ends, grad_out, psw, out):
 _NO_WEIGHTS = np.empty(0, dtype=np.float32)
 
 
-def _bag_grad(rows: int, flat: Tensor, starts: Tensor, ends: Tensor, grad_out: Tensor, psw: Tensor | None):
+def bag_grad(rows: int, flat: Tensor, starts: Tensor, ends: Tensor, grad_out: Tensor, psw: Tensor | None):
     """Gradient of W (rows, dim) for bags of remapped indices `flat` (bag b: flat[starts[b]:ends[b]])
     whose outputs got `grad_out`: the numba kernel on the CPU, index_add_ elsewhere (same sums) and under
     ``create_graph=True`` (a double backward differentiates these torch ops)."""
@@ -117,7 +122,7 @@ def _bag_grad(rows: int, flat: Tensor, starts: Tensor, ends: Tensor, grad_out: T
 
 class _Lookup(torch.autograd.Function):
     """``embedding(idx, W)`` whose backward scatters the output gradients into W's rows in one pass
-    (`_bag_grad`, bags of one) instead of torch's dense embedding backward, which sorts the indices on
+    (`bag_grad`, bags of one) instead of torch's dense embedding backward, which sorts the indices on
     every call (3x slower for a batch of 4096 ids on CPU). Used without max_norm and scale_grad_by_freq;
     the output is torch's own forward."""
 
@@ -132,13 +137,13 @@ class _Lookup(torch.autograd.Function):
         (idx,) = ctx.saved_tensors
         flat = idx.reshape(-1)
         starts = torch.arange(len(flat), device=flat.device)
-        grad = _bag_grad(ctx.rows, flat, starts, starts + 1, grad_out.reshape(len(flat), ctx.dim), None)
+        grad = bag_grad(ctx.rows, flat, starts, starts + 1, grad_out.reshape(len(flat), ctx.dim), None)
         return grad, None, None
 
 
 class _BagSum(torch.autograd.Function):
     """``embedding_bag(mode="sum")`` of rows W whose backward scatters the bags' gradients into W's rows
-    in one pass (`_bag_grad`). torch's dense embedding_bag backward sorts the indices on every call
+    in one pass (`bag_grad`). torch's dense embedding_bag backward sorts the indices on every call
     (~0.6 ms for 4096 ids on CPU, 4x the forward); the remapped indices here address a small leaf W, so a
     scatter is all the gradient needs. Used for mode "sum" without max_norm, scale_grad_by_freq or a
     per_sample_weights that needs a gradient; the output is torch's own forward. A padding row (the last
@@ -170,7 +175,7 @@ class _BagSum(torch.autograd.Function):
         else:
             starts = offsets[:-1] if ctx.last else offsets
             ends = offsets[1:] if ctx.last else torch.cat([offsets[1:], offsets.new_tensor([len(flat)])])
-        grad = _bag_grad(ctx.rows, flat, starts, torch.maximum(ends, starts), grad_out, psw)
+        grad = bag_grad(ctx.rows, flat, starts, torch.maximum(ends, starts), grad_out, psw)
         return grad, None, None, None, None, None
 
 

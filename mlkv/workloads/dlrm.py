@@ -48,7 +48,8 @@ class DLRM(nn.Module):
     def __init__(self, tables, dim: int, bottom: tuple[int, ...] = (64,), top: tuple[int, ...] = (128, 64)):
         super().__init__()
         self.bottom = mlp([N_DENSE, *bottom, dim], last_relu=True)
-        self.embeddings = nn.ModuleList(tables.embedding_bag(f"dlrm.{c}", mode="sum") for c in CAT_COLUMNS)
+        # one lookup of all 26 tables (mlkv.torch.EmbeddingBagCollection), a ModuleList of one bag per table
+        self.embeddings = tables.embedding_bag_collection([f"dlrm.{c}" for c in CAT_COLUMNS], mode="sum")
         n = N_CAT + 1
         li, lj = torch.tril_indices(n, n, offset=-1)
         self.register_buffer("li", li, persistent=False)
@@ -58,8 +59,7 @@ class DLRM(nn.Module):
     def forward(self, dense: torch.Tensor, cats: torch.Tensor) -> torch.Tensor:
         """dense (B, 13) float32, cats (B, 26) int64 keys -> click logits (B,)."""
         x = self.bottom(dense)
-        vectors = [x] + [emb(cats[:, i : i + 1]) for i, emb in enumerate(self.embeddings)]
-        t = torch.stack(vectors, dim=1)  # (B, 27, dim)
+        t = torch.cat([x.unsqueeze(1), self.embeddings(cats)], dim=1)  # (B, 27, dim)
         pairs = torch.bmm(t, t.transpose(1, 2))[:, self.li, self.lj]
         return self.top(torch.cat([x, pairs], dim=1)).squeeze(1)
 

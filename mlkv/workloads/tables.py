@@ -69,6 +69,9 @@ class MlkvTables:
     def embedding_bag(self, name: str, mode: str = "mean") -> nn.Module:
         return mlkv.torch.EmbeddingBag(self.table(name), mode=mode)
 
+    def embedding_bag_collection(self, names: list[str], mode: str = "sum") -> nn.Module:
+        return mlkv.torch.EmbeddingBagCollection([self.table(n) for n in names], mode=mode)
+
     def sparse_optimizer(self, model: nn.Module) -> mlkv.torch.SparseOptimizer:
         return mlkv.torch.SparseOptimizer(model)
 
@@ -115,6 +118,15 @@ class _BaselineEmbeddingBag(_KeyToRow):
         return self.inner(self.rows(keys), offsets)
 
 
+class _BaselineBagCollection(nn.ModuleList):
+    """The in-memory twin of mlkv.torch.EmbeddingBagCollection: one nn.EmbeddingBag per table, looked up one
+    after the other and stacked, as the reference DLRM (facebookresearch/dlrm) runs its ModuleList."""
+
+    def forward(self, keys: torch.Tensor) -> torch.Tensor:
+        bags = keys.unsqueeze(2) if keys.dim() == 2 else keys
+        return torch.stack([m(bags[:, t]) for t, m in enumerate(self)], dim=1)
+
+
 def initial_rows(
     name: str, spec: TableSpec, keys: np.ndarray, seed: int, chunk: int = 1 << 20
 ) -> torch.Tensor:
@@ -154,6 +166,9 @@ class TorchTables:
         m = _BaselineEmbeddingBag(*self._weight(name), name, mode)
         self._weights[name] = m.inner.weight
         return m
+
+    def embedding_bag_collection(self, names: list[str], mode: str = "sum") -> nn.Module:
+        return _BaselineBagCollection(self.embedding_bag(n, mode) for n in names)
 
     def sparse_optimizer(self, model: nn.Module) -> torch.optim.Adagrad:
         groups = [{"params": [w], "lr": self.specs[name].lr} for name, w in self._weights.items()]

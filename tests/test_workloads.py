@@ -167,6 +167,21 @@ def test_in_memory_baseline_agrees_with_mlkv(workload, data_dir):
     assert base["backend"] == "torch" and "hit_rate" not in base
 
 
+def test_rocksdb_naive_baseline_trains_the_same_model(data_dir):
+    """Rows glued to RocksDB by hand (multi_get before, WriteBatch after): the same initial rows and
+    Adagrad rule as mlkv, so the same model up to float summation order; its database is removed after."""
+    flags = [*small("dlrm", data_dir), "--epochs", "1"]
+    ours, naive = run(flags), run(flags, backend="rocksdb-naive")
+    assert naive["auc"] == pytest.approx(ours["auc"], abs=0.01)
+    assert naive["final_loss"] == pytest.approx(ours["final_loss"], rel=0.01)
+    assert naive["backend"] == "rocksdb-naive" and "hit_rate" not in naive
+
+
+def test_rocksdb_baseline_is_refused_for_workloads_without_pooled_lookups():
+    with pytest.raises(ValueError, match="--rocksdb-baseline is offered for the dlrm workload"):
+        cmd_train(PARSER.parse_args(["train", "kge", "--rocksdb-baseline"]))
+
+
 def test_overwrite_on_an_old_store_starts_over(tmp_path):
     path = str(tmp_path / "s")
     first = run([*small("kge", ""), "--epochs", "1", "--path", path])
@@ -176,13 +191,15 @@ def test_overwrite_on_an_old_store_starts_over(tmp_path):
 
 # ---- the command ------------------------------------------------------------------------------------------
 def test_json_is_the_last_line_of_stdout(capsys, data_dir):
-    args = PARSER.parse_args(["train", *small("dlrm", data_dir), "--max-steps", "4", "--json", "--baseline"])
+    flags = ["--max-steps", "4", "--json", "--baseline", "--rocksdb-baseline"]
+    args = PARSER.parse_args(["train", *small("dlrm", data_dir), *flags])
     assert cmd_train(args) == 0
     out = capsys.readouterr().out.strip().splitlines()
     report = json.loads(out[-1])
     for key in ("final_loss", "samples_per_s", "auc", "logloss", "hit_rate", "stall_seconds"):
         assert isinstance(report[key], float), key
     assert set(report["baseline"]) >= {"final_loss", "samples_per_s", "auc", "logloss"}
+    assert set(report["rocksdb_naive"]) >= {"final_loss", "samples_per_s", "auc", "logloss"}
 
 
 def test_bad_flags_are_clear_errors():

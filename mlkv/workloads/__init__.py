@@ -41,7 +41,8 @@ def run(name: str, *, log: TextIO | None = None, **options: Any) -> dict[str, An
         dict: the report: ``final_loss``, ``samples_per_s``, the final metrics (``auc``/``logloss`` for
         dlrm, ``mrr``/``hits@k`` for kge, ``auc`` for gnn), per-epoch ``history``, and for the store
         ``hit_rate``, ``stall_seconds``, ``stall_fraction``, ``table_bytes``, ``cache_bytes``; with
-        ``baseline=True`` also ``baseline``: the same model trained in memory with plain PyTorch.
+        ``baseline=True`` also ``baseline``: the same model trained in memory with plain PyTorch; with
+        ``rocksdb_baseline=True`` (dlrm) also ``rocksdb_naive``: its rows glued to RocksDB by hand.
 
     Raises:
         InvalidArgumentError: an unknown workload or option (the message lists the valid ones), a value
@@ -65,6 +66,8 @@ def run(name: str, *, log: TextIO | None = None, **options: Any) -> dict[str, An
     report = train(workload, cfg, backend="mlkv")
     if args.baseline:
         report["baseline"] = baseline(workload, cfg, sink)
+    if args.rocksdb_baseline:
+        report["rocksdb_naive"] = baseline(workload, cfg, sink, "rocksdb-naive")
     return report
 
 

@@ -170,6 +170,12 @@ def _shared_flags(p: argparse.ArgumentParser, dataset: str, datasets: tuple, d: 
         help="also train the same model in memory with plain PyTorch and compare",
     )
     p.add_argument(
+        "--rocksdb-baseline",
+        action="store_true",
+        help="dlrm: also train the same model with its rows glued to RocksDB by hand (one multi_get per "
+        "table before each step, one WriteBatch after: the rocksdb-naive configuration of mlkv bench train)",
+    )
+    p.add_argument(
         "--batch-size",
         type=int,
         default=d["batch_size"],
@@ -256,8 +262,12 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    if args.distributed and args.baseline:
+    if args.distributed and (args.baseline or args.rocksdb_baseline):
         raise InvalidArgumentError("--baseline trains in one process: run it without --distributed")
+    if args.rocksdb_baseline and args.workload != "dlrm":
+        raise InvalidArgumentError(
+            f"--rocksdb-baseline is offered for the dlrm workload (pooled lookups), got {args.workload!r}"
+        )
     for flag in ("epochs", "batch_size", "threads", "trainers"):
         if getattr(args, flag) < 1:
             raise InvalidArgumentError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -351,7 +361,18 @@ def summary(report: dict[str, Any], metrics: tuple[str, ...]) -> list[str]:
         lines.append(
             f"in-memory PyTorch baseline: {base['split']} {diff}  final_loss {base['final_loss']:.4f}"
         )
-        lines.append(f"  {base['samples_per_s']:,.0f} samples/s  (mlkv minus baseline in parentheses)")
+        lines.append(
+            f"  {base['samples_per_s']:,.0f} samples/s  (mlkv minus baseline in parentheses; mlkv runs "
+            f"{r['samples_per_s'] / max(base['samples_per_s'], 1e-9):.2f}x its speed)"
+        )
+    naive = report.get("rocksdb_naive")
+    if naive:
+        diff = "  ".join(f"{m} {naive[m]:.4f}" for m in metrics)
+        lines.append(f"rocksdb-naive baseline: {naive['split']} {diff}  final_loss {naive['final_loss']:.4f}")
+        lines.append(
+            f"  {naive['samples_per_s']:,.0f} samples/s  (mlkv runs "
+            f"{r['samples_per_s'] / max(naive['samples_per_s'], 1e-9):.2f}x its speed)"
+        )
     return lines
 
 
@@ -369,12 +390,14 @@ def _parse_only(workload, args: argparse.Namespace, log) -> int:
     return 0
 
 
-def baseline(workload, cfg, log) -> dict[str, Any]:
-    """Train the same model in memory with plain PyTorch: the report's "baseline" entry."""
+def baseline(workload, cfg, log, backend: str = "torch") -> dict[str, Any]:
+    """Train the same model in memory with plain PyTorch (the report's "baseline" entry), or with rows glued
+    to RocksDB by hand (backend "rocksdb-naive": the "rocksdb_naive" entry)."""
     from .runner import train
 
-    print("training the in-memory PyTorch baseline ...", file=log, flush=True)
-    base = train(workload, replace(cfg, resume=False, path=None, log_dir=None, plot=None), backend="torch")
+    what = "in-memory PyTorch" if backend == "torch" else backend
+    print(f"training the {what} baseline ...", file=log, flush=True)
+    base = train(workload, replace(cfg, resume=False, path=None, log_dir=None, plot=None), backend=backend)
     keep = ("final_loss", "samples_per_s", "split", "train_seconds", *_headline_metrics(base))
     return {k: base[k] for k in keep}
 
@@ -397,6 +420,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if args.baseline:
         report["baseline"] = baseline(workload, cfg, log)
+    if args.rocksdb_baseline:
+        report["rocksdb_naive"] = baseline(workload, cfg, log, "rocksdb-naive")
     for line in summary(report, _headline_metrics(report)):
         print(line, file=log)
     if args.json:

@@ -35,9 +35,11 @@ import mlkv.torch
 from ..errors import InvalidArgumentError, MlkvError
 from . import trainers
 from .monitor import StepMonitor
+from .naive_tables import RocksNaiveTables
 from .tables import MlkvTables, TorchTables, dense_parameters
 from .workload import Workload
 
+BACKENDS = ("mlkv", "torch", "rocksdb-naive")
 LOSS_WINDOW = 10  # final_loss is the mean training loss of the last LOSS_WINDOW steps
 
 
@@ -235,13 +237,14 @@ def _fmt_metrics(metrics: dict[str, float]) -> str:
 
 
 def train(workload: Workload, cfg: TrainConfig, backend: str = "mlkv") -> dict[str, Any]:
-    """Train `workload` for cfg.epochs on mlkv tables (`backend="mlkv"`) or in memory (`"torch"`).
+    """Train `workload` for cfg.epochs on mlkv tables (`backend="mlkv"`), in memory (`"torch"`), or on rows
+    glued to RocksDB by hand (`"rocksdb-naive"`, naive_tables.py; pooled-lookup workloads only).
 
     Returns the report: final_loss, samples_per_s, the final metrics, per-epoch history, and for mlkv the
     store's hit rate, stall time and the tables' size beside the memory budget.
     """
-    if backend not in ("mlkv", "torch"):
-        raise InvalidArgumentError(f"backend must be 'mlkv' or 'torch', got {backend!r}")
+    if backend not in BACKENDS:
+        raise InvalidArgumentError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if cfg.resume and (cfg.path is None or cfg.engine == "memory"):
         raise MlkvError("--resume needs --path of an on-disk store (engine slab or rocksdb)")
     if cfg.resume and cfg.overwrite:
@@ -267,8 +270,14 @@ def train(workload: Workload, cfg: TrainConfig, backend: str = "mlkv") -> dict[s
         if leave_group:
             mlkv.distributed.shutdown()
         raise
+    naive = None
     try:
-        tables = MlkvTables(store, specs, cfg.seed, cfg.dtype) if store else TorchTables(specs, cfg.seed)
+        if store is not None:
+            tables = MlkvTables(store, specs, cfg.seed, cfg.dtype)
+        elif backend == "rocksdb-naive":
+            tables = naive = RocksNaiveTables(specs, cfg.seed, os.path.join(path, "rocksdb-naive"))
+        else:
+            tables = TorchTables(specs, cfg.seed)
         torch.manual_seed(cfg.seed)  # the dense layers start alike in both backends
         model = workload.build_model(tables)
         model.train()
@@ -283,7 +292,7 @@ def train(workload: Workload, cfg: TrainConfig, backend: str = "mlkv") -> dict[s
             run.tables = tables
             run.replicas = trainers.make_replicas(workload, tables, model, cfg.trainers, cfg.seed)
         run.epochs()
-        report = run.finish()
+        report = {"backend": backend, **run.finish()}
         if store is not None:
             rows, nbytes = table_footprint(store, specs)
             report.update(table_rows=rows, table_bytes=nbytes, cache_bytes=store.cache_bytes)
@@ -291,6 +300,8 @@ def train(workload: Workload, cfg: TrainConfig, backend: str = "mlkv") -> dict[s
             report.update(rank=store.rank, world_size=store.world_size)
         return report
     finally:
+        if naive is not None:
+            naive.close()
         if store is not None:  # what should last is checkpointed with its dense state (_Run._checkpoint)
             store.close(checkpoint=False)
         if cfg.path is None:
@@ -466,7 +477,6 @@ class _Run:
         st = self.state
         out: dict[str, Any] = {
             "workload": self.w.name,
-            "backend": "mlkv" if self.store is not None else "torch",
             "final_loss": float(np.mean(st.losses)) if st.losses else None,
             "samples_per_s": self.samples / self.train_seconds if self.train_seconds else None,
             **final,

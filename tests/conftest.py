@@ -27,16 +27,13 @@ def crash(store: mlkv.Store) -> None:
     The store object is marked closed first, so that nothing (a fixture teardown, a stray call) can later
     write through it into the files a reopened store now owns.
     """
-    with store._lock:
-        store._open = False
+    ctx = store._ctx
+    with ctx.lock:
+        ctx.open = False
     # let background threads (look-ahead reads, write-back) finish first, as close() does: their writes
     # reach the engine uncommitted, so a reopen must not see them; they must just not race the close
-    io = getattr(store, "_io", None)
-    if io is not None:
-        io.shutdown(wait=True)
-    writeback = getattr(store, "_writeback", None)
-    if writeback is not None:
-        writeback.shutdown()
+    ctx.shutdown_io()
+    ctx.writeback.shutdown()
     store._engine.close()
     store._file_lock.release()
 
@@ -88,7 +85,7 @@ def store_factory():
 
     yield make
     for s in reversed(opened):
-        if s._open:
+        if not s.closed:
             s.close()
 
 

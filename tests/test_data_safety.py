@@ -254,7 +254,7 @@ def test_exception_in_with_block_closes_without_checkpoint(tmp_path, engine, exc
         store.table("new", dim=2).put([1], np.ones((1, 2), dtype=np.float32))
         store.drop_table("b")
         raise exc
-    assert not store._open
+    assert store.closed
     with open_store(engine, path) as store:
         assert store_snapshot(store) == oracle
     with open_store(engine, path) as store:  # a clean exit still checkpoints, as close() documents

@@ -266,7 +266,7 @@ def run(engine: str, opt_name: str, cache_rows: int, ops, signed: bool, root, cr
                 ks = sorted(m.rows)
                 assert t.get(np.array(ks, dtype=np.uint64)).tobytes() == m.get(ks).tobytes()
     finally:
-        if s._open:
+        if not s.closed:
             s.close()
         shutil.rmtree(root, ignore_errors=True)  # so a later example may get the same path: forget it all
         with memory_engine._REGISTRY_LOCK:

@@ -590,14 +590,14 @@ def test_cuts_that_end_out_of_order_keep_row_operations_waiting_until_the_last_o
     and restored flag cleared it while the second cut was still writing."""
     with mlkv.open(str(tmp_path / "s")) as store:
         t = store.table("t", dim=2)
-        first, second = store._cut(), store._cut()
-        with store._lock:  # each cut runs under the store lock (released while it waits)
+        first, second = store._ctx.cut(), store._ctx.cut()
+        with store._ctx.lock:  # each cut runs under the store lock (released while it waits)
             first.__enter__()
             second.__enter__()
             first.__exit__(None, None, None)
-            assert store._checkpointing  # the second cut is still writing
+            assert store._ctx.checkpointing  # the second cut is still writing
             second.__exit__(None, None, None)
-            assert not store._checkpointing
+            assert not store._ctx.checkpointing
         t.put([1], np.ones((1, 2), dtype=np.float32))  # would wait forever if the flag stayed set
         store.checkpoint()
 
@@ -625,7 +625,7 @@ def test_a_flush_stops_queueing_when_the_write_back_fails_and_the_rows_stay_read
     monkeypatch.setattr(os, "posix_fallocate", failing)
     with pytest.raises(mlkv.errors.StorageFullError):
         store.flush()
-    assert store._writeback._bytes <= 4 << 20  # one part queued, not the 48 MiB tier
+    assert store._ctx.writeback._bytes <= 4 << 20  # one part queued, not the 48 MiB tier
     assert np.array_equal(t.get(keys, track=False), rows)
     monkeypatch.undo()
     store.close()  # the failure was raised already: close does not raise it again

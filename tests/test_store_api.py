@@ -603,7 +603,7 @@ def test_context_manager(engine, tmp_path, store_factory):
         t.get(u64(4))
     with pytest.raises(RuntimeError, match="boom"), mlkv.open(tmp_path / "s", engine=engine) as s:
         raise RuntimeError("boom")
-    assert not s._open  # the lock went with it: the next open works
+    assert s.closed  # the lock went with it: the next open works
     with mlkv.open(tmp_path / "s", engine=engine) as s:
         np.testing.assert_array_equal(s.table("t").get(u64(4)), np.full((1, 2), 4.0, np.float32))
 

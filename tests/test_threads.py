@@ -69,7 +69,7 @@ def test_counter_is_exact_under_eviction_and_writeback(engine, writeback_limit, 
     threads, n = 4, 150
     store = store_factory(engine, tmp_path / "s", cache_bytes=32 * ROW, staleness_timeout=10.0)
     if writeback_limit is not None:
-        store._writeback.limit_bytes = writeback_limit
+        store._ctx.writeback.limit_bytes = writeback_limit
     t = counter_table(store)
     lock = threading.Lock()
     counts = {HOT: 0} | dict.fromkeys(CHURN.tolist(), 0)
@@ -405,6 +405,6 @@ def test_open_sizes_the_lookahead_pool_to_the_cores(tmp_path):
     assert defaults[0] == defaults[1]
     with mlkv.open(tmp_path / "s", cache_bytes="1MiB") as store:
         assert store.io_threads == min(4, len(os.sched_getaffinity(0)))
-        assert store._io_pool()._max_workers == store.io_threads
+        assert store._ctx.io_pool()._max_workers == store.io_threads
     with mlkv.open(tmp_path / "t", cache_bytes="1MiB", io_threads=3) as store:
         assert store.io_threads == 3

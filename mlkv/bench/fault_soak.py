@@ -93,9 +93,9 @@ def soak(
 
     def monitor() -> None:
         while not done.is_set():
-            with store._lock:  # the same lock every row operation holds: a consistent sample
+            with store._ctx.lock:  # the same lock every row operation holds: a consistent sample
                 holds = list(table._gate._holds.values())
-                tier_bytes = store._budget.used_bytes
+                tier_bytes = store._ctx.budget.used_bytes
             if holds:
                 _, n = np.unique(np.concatenate(holds), return_counts=True)
                 peak["holders"] = max(peak["holders"], int(n.max()))

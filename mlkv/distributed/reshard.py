@@ -39,10 +39,10 @@ def _engine_of(path: str) -> str:
 def _full_rows(store, name: str, codec, batch_size: int):
     """(keys, float32 rows with optimizer state) of a readonly store's table (`codec`: its RowCodec, which
     decodes 16-bit embeddings), in file order."""
-    with store._engine_lock.read():
+    with store._ctx.engine_lock.read():
         batches = store._engine.scan(name, batch_size)
     while True:
-        with store._engine_lock.read():
+        with store._ctx.engine_lock.read():
             batch = next(batches, None)
         if batch is None:
             return
@@ -53,8 +53,8 @@ def _full_rows(store, name: str, codec, batch_size: int):
 def _write_full_rows(table, keys: np.ndarray, rows: np.ndarray) -> None:
     """Set whole rows (embedding and optimizer state) of distinct keys, as Table.put does for embeddings."""
     st = table.store
-    with st._lock:
-        st._enter(table)
+    with st._ctx.lock:
+        st._ctx.enter(table)
         slots, current = table._gather(keys, True)
         current[:] = rows
         table._store_rows(keys, slots, current)

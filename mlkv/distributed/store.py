@@ -150,7 +150,7 @@ class ShardedStore:
         """Release this rank's shard. By default WITHOUT checkpointing (reopening restores the last
         collective checkpoint); ``checkpoint=True`` first takes a collective checkpoint (call it on every
         rank then)."""
-        if checkpoint and self.local._open and not self.readonly:
+        if checkpoint and not self.local.closed and not self.readonly:
             self.checkpoint()
         self.local.close(checkpoint=False)
 

@@ -6,12 +6,9 @@ metadata travel inside the engine's checkpoint, so they commit atomically with t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -27,30 +24,21 @@ from ..errors import (
     MlkvError,
     ReadOnlyError,
     SchemaError,
-    StoreClosedError,
     UnknownTableError,
 )
 from ..faults import crash_point
 from ..init import init_from_config, resolve_init
 from ..optim import Optimizer, optimizer_from_config
-from .applier import Applier, ApplierError
+from .applier import ApplierError
+from .context import StoreContext
 from .lock import StoreLock
 from .row_codec import DTYPES, RowCodec
-from .rwlock import RWLock
 from .sizes import parse_bytes
 from .staleness import LAG_BINS
 from .table import Table
-from .tier_budget import TierBudget
-from .writeback import PendingOp, WriteBack
 
 FORMAT = 1
 _MARKER = "MLKV"
-_STAT_KEYS = (
-    "hits", "misses", "lookahead_rows", "lookahead_dropped", "lookahead_errors", "evictions",
-    "rows_written_back", "stall_seconds", "staleness_waits", "staleness_wait_seconds", "bytes_read",
-    "bytes_written", "async_updates", "async_wait_seconds", "rows_admitted", "rows_rejected",
-    "grads_dropped", "rows_expired", "rows_evicted_by_cap",
-)  # fmt: skip
 #: bytes of evicted rows that may wait in the write-back queue: max(1 MiB, min(64 MiB, cache_bytes / 4))
 WRITEBACK_MIN_BYTES, WRITEBACK_MAX_BYTES = 1 << 20, 64 << 20
 # look-ahead I/O threads: one per core, at most 4. Device depth comes from the slot file's fault threads, so
@@ -212,10 +200,6 @@ class Store:
                 os.makedirs(path)
             _check_marker(path, engine, create and not readonly)
         self.io_threads = io_threads
-        # one plain lock guards tiers, gates, queues and stats; the condition wakes every kind of waiter
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._engine_lock = RWLock()
         # a kept checkpoint's files are never changed while it is kept: reading one needs no lock (slab)
         self._file_lock = StoreLock(path, readonly, on_disk and (checkpoint is None or engine == "rocksdb"))
         try:
@@ -227,53 +211,13 @@ class Store:
         meta = self._engine.committed_meta() or {}
         self._schemas: dict[str, dict] = dict(meta.get("tables", {}))
         self._last = (meta["checkpoint_id"], meta.get("metadata")) if "checkpoint_id" in meta else None
-        self._tables: dict[str, Table] = {}
-        self._budget = TierBudget(self.cache_bytes)
-        self._stats = dict.fromkeys(_STAT_KEYS, 0)
-        self._stats["stall_seconds"] = 0.0
-        self._stats["staleness_wait_seconds"] = 0.0
         limit = max(WRITEBACK_MIN_BYTES, min(WRITEBACK_MAX_BYTES, self.cache_bytes // 4))
-        self._writeback = WriteBack(self._cond, self._apply_pending, limit)
-        self._applier = Applier(self._cond, os.path.basename(os.path.normpath(path)) or "store")
-        self._io: ThreadPoolExecutor | None = None
-        self._cuts = 0  # checkpoints and flushes in progress (`_cut`); row operations wait while > 0
-        self._changed = False
-        self._open = True
-
-    def _apply_pending(self, op: PendingOp) -> None:
-        """Runs on the write-back thread: one queued write or delete reaches the engine."""
-        with self._engine_lock.write():
-            if op.void:  # its table was dropped (and maybe re-created under the name) since it was queued
-                return
-            if op.rows is None:
-                self._engine.delete(op.table, op.keys)
-            else:
-                self._engine.write(op.table, op.keys, op.rows.view(np.uint8))
-
-    def _io_pool(self) -> ThreadPoolExecutor:
-        if self._io is None:
-            self._io = ThreadPoolExecutor(self.io_threads, thread_name_prefix="mlkv-io")
-        return self._io
-
-    # ---- guards -------------------------------------------------------------------------------------
-    def _check_open(self, table: Table | None = None) -> None:
-        if not self._open:
-            raise StoreClosedError(f"store {self.path} is closed")
-        if table is not None and self._tables.get(table.name) is not table:
-            raise StoreClosedError(f"table {table.name!r} was dropped from {self.path}")
-
-    def _enter(self, table: Table | None = None) -> None:
-        """Guard of every row operation (store lock held): open, no checkpoint in progress, and write-back
-        backpressure applied here, before the operation has changed anything (see WriteBack.throttle)."""
-        self._writeback.throttle(self._stats)
-        while self._checkpointing:
-            self._cond.wait()
-        self._check_open(table)
-
-    def _check_writable(self, table: Table | None = None) -> None:
-        self._check_open(table)
-        if self.readonly:
-            raise ReadOnlyError(f"store {self.path} is open readonly; writes are refused")
+        name = os.path.basename(os.path.normpath(path)) or "store"
+        # what the tables share with the store: one lock, the engine's lock, queues, stats, guards
+        self._ctx = StoreContext(
+            path, readonly, self.staleness_timeout, self.cache_bytes, limit, io_threads, name
+        )
+        self._ctx.engine = self._engine
 
     # ---- tables -------------------------------------------------------------------------------------
     def table(
@@ -362,8 +306,8 @@ class Store:
             )
         lifetime = _lifetime_options(admit_after, ttl_steps, max_rows, expire_on_checkpoint)
         init_fn, init_cfg = resolve_init(init)
-        with self._lock:
-            self._enter()
+        with self._ctx.lock:
+            self._ctx.enter()
             schema = self._schemas.get(name)
             if schema is None:
                 if dim is None:
@@ -394,10 +338,10 @@ class Store:
                 if dtype != "float32":
                     schema["stochastic_rounding"] = bool(stochastic_rounding)
                 width = dim + (optimizer.state_width(dim) if optimizer else 0) + schema["age_column"]
-                with self._engine_lock.write():
+                with self._ctx.engine_lock.write():
                     self._engine.create_table(name, RowCodec(dtype, dim, width).row_bytes)
                 self._schemas[name] = schema
-                self._changed = True
+                self._ctx.changed = True
             else:
                 optimizer = self._check_schema(name, schema, dim, dtype, optimizer)
                 stored = schema.get("stochastic_rounding", False)
@@ -414,7 +358,7 @@ class Store:
                         f"table {name!r} was created without ttl_steps/max_rows, so its rows carry no "
                         "last-update step; expiry can only be set when a table is created"
                     )
-            t = self._tables.get(name)
+            t = self._ctx.tables.get(name)
             if t is not None:  # already open: same rows and tier; hyperparameters may change
                 if optimizer is not None:
                     t.optimizer = optimizer
@@ -425,9 +369,9 @@ class Store:
             if staleness_bound is not None:
                 schema = {**schema, "staleness_bound": staleness_bound}
             schema = {**schema, **lifetime}
-            t = Table(self, name, schema, optimizer, init_fn)
-            self._tables[name] = t
-            self._budget.register(t)
+            t = Table(self, self._ctx, name, schema, optimizer, init_fn)
+            self._ctx.tables[name] = t
+            self._ctx.budget.register(t)
             return t
 
     def _check_schema(self, name: str, schema: dict, dim, dtype, optimizer):
@@ -451,8 +395,8 @@ class Store:
         Raises:
             StoreClosedError: the store is closed.
         """
-        with self._lock:
-            self._check_open()
+        with self._ctx.lock:
+            self._ctx.check_open()
             return sorted(self._schemas)
 
     def drop_table(self, name: str) -> None:
@@ -464,19 +408,19 @@ class Store:
             UnknownTableError: no such table (the message lists the tables).
             ReadOnlyError: the store is readonly.
         """
-        with self._lock:
-            self._enter()
-            self._check_writable()
+        with self._ctx.lock:
+            self._ctx.enter()
+            self._ctx.check_writable()
             if name not in self._schemas:
                 raise UnknownTableError(f"no table {name!r} in {self.path}; tables: {sorted(self._schemas)}")
-            t = self._tables.pop(name, None)
+            t = self._ctx.tables.pop(name, None)
             if t is not None:
-                self._budget.unregister(t)
+                self._ctx.budget.unregister(t)
             del self._schemas[name]
-            self._writeback.forget(name)
-            with self._engine_lock.write():
+            self._ctx.writeback.forget(name)
+            with self._ctx.engine_lock.write():
                 self._engine.drop_table(name)
-            self._changed = True
+            self._ctx.changed = True
 
     # ---- durability ---------------------------------------------------------------------------------
     def flush(self) -> None:
@@ -485,16 +429,16 @@ class Store:
         Not yet durable: a crash still returns to the last checkpoint (see :meth:`checkpoint`). Waits for
         queued asynchronous updates first.
         """
-        with self._lock:
-            self._enter()
-            self._applier.drain()
+        with self._ctx.lock:
+            self._ctx.enter()
+            self._ctx.applier.drain()
             if not self.readonly:
                 self._flush_locked()
 
     def _flush_locked(self) -> None:
-        for t in self._tables.values():
+        for t in self._ctx.tables.values():
             t._flush_locked()
-        self._writeback.drain()
+        self._ctx.writeback.drain()
 
     def checkpoint(self, metadata: dict | None = None) -> int:
         """Make every write so far durable, atomically with `metadata`; return the new checkpoint id.
@@ -521,37 +465,20 @@ class Store:
             metadata = json.loads(json.dumps(metadata))
         except (TypeError, ValueError) as e:
             raise InvalidTypeError(f"checkpoint metadata must be JSON-serialisable: {e}") from None
-        with self._lock:
-            self._enter()
-            self._check_writable()
-            self._applier.drain()  # before the cut: a checkpoint holds every update submitted before it
+        with self._ctx.lock:
+            self._ctx.enter()
+            self._ctx.check_writable()
+            self._ctx.applier.drain()  # before the cut: a checkpoint holds every update submitted before it
             return self._checkpoint_locked(metadata)
 
-    @property
-    def _checkpointing(self) -> bool:
-        return self._cuts > 0
-
-    @contextlib.contextmanager
-    def _cut(self):
-        """Row operations wait (`_enter`, `Table._wait_checkpoint`) while this runs, also while it releases
-        the store lock to wait for the write-back queue: what it writes is one consistent cut (a checkpoint,
-        a flush). Counted, so cuts of several threads may overlap and end in any order."""
-        self._cuts += 1
-        try:
-            yield
-        finally:
-            self._cuts -= 1
-            if self._cuts == 0:
-                self._cond.notify_all()
-
     def _checkpoint_locked(self, metadata: dict | None) -> int:
-        with self._cut():  # row operations wait: the checkpoint is one consistent cut
-            for t in self._tables.values():
+        with self._ctx.cut():  # row operations wait: the checkpoint is one consistent cut
+            for t in self._ctx.tables.values():
                 if t.expire_on_checkpoint:
                     t._expire_locked()
             self._flush_locked()
             crash_point("checkpoint:start")
-            for name, t in self._tables.items():
+            for name, t in self._ctx.tables.items():
                 self._schemas[name] = t.schema()
             ckpt = (self._last[0] if self._last else 0) + 1
             meta = {
@@ -561,10 +488,10 @@ class Store:
                 "time": time.time(),
                 "tables": self._schemas,
             }
-            with self._engine_lock.write():
+            with self._ctx.engine_lock.write():
                 self._engine.checkpoint(meta)
             self._last = (ckpt, metadata)
-            self._changed = False
+            self._ctx.changed = False
             return ckpt
 
     def last_checkpoint(self) -> tuple[int, dict | None] | None:
@@ -580,9 +507,9 @@ class Store:
         Raises:
             StoreClosedError: the store is closed.
         """
-        with self._lock:
-            self._check_open()
-            with self._engine_lock.read():
+        with self._ctx.lock:
+            self._ctx.check_open()
+            with self._ctx.engine_lock.read():
                 metas = self._engine.checkpoints()
         return [(m["checkpoint_id"], m.get("metadata")) for m in metas if "checkpoint_id" in m]
 
@@ -599,18 +526,18 @@ class Store:
         ``rss_file_bytes``: the whole process's anonymous and file-backed resident memory (None off
         Linux), what a container limit sees, apart: mapped slab pages count as file-backed.
         """
-        with self._lock:
-            s = dict(self._stats)
+        with self._ctx.lock:
+            s = dict(self._ctx.stats)
             looked = s["hits"] + s["misses"]
             s["hit_rate"] = s["hits"] / looked if looked else 0.0
-            s["memory_tier_bytes"] = self._budget.used_bytes
-            s["memory_tier_rows"] = sum(t.tier.resident for t in self._tables.values())
+            s["memory_tier_bytes"] = self._ctx.budget.used_bytes
+            s["memory_tier_rows"] = sum(t.tier.resident for t in self._ctx.tables.values())
             s["cache_bytes"] = self.cache_bytes
             s["recovery_seconds"] = self._engine.recovery_seconds
-            s["writeback_pending"] = self._writeback.pending()
-            s["applier_pending"] = self._applier.pending()
+            s["writeback_pending"] = self._ctx.writeback.pending()
+            s["applier_pending"] = self._ctx.applier.pending()
             lag = np.zeros(LAG_BINS, dtype=np.int64)
-            for t in self._tables.values():
+            for t in self._ctx.tables.values():
                 lag += t._gate.lag_hist
             s["staleness_lag_hist"] = lag.tolist()
         s["rss_anon_bytes"], s["rss_file_bytes"] = process_memory()
@@ -618,9 +545,9 @@ class Store:
 
     def reset_stats(self) -> None:
         """Set the counters of :meth:`stats` back to zero (the memory-use figures are not counters)."""
-        with self._lock:
-            for k in self._stats:
-                self._stats[k] = 0.0 if k.endswith("seconds") else 0
+        with self._ctx.lock:
+            for k in self._ctx.stats:
+                self._ctx.stats[k] = 0.0 if k.endswith("seconds") else 0
 
     def disk_bytes(self) -> int:
         """Bytes of the engine's files on disk (0 for the memory engine)."""
@@ -632,11 +559,11 @@ class Store:
         Returns:
             list[str]: one description per problem, naming file, table and offset; empty if sound.
         """
-        with self._lock:
-            self._enter()
+        with self._ctx.lock:
+            self._ctx.enter()
             if not self.readonly:
                 self._flush_locked()
-            with self._engine_lock.read():
+            with self._ctx.engine_lock.read():
                 return self._engine.verify()
 
     # ---- lifetime -----------------------------------------------------------------------------------
@@ -659,37 +586,36 @@ class Store:
         """
         failed: BaseException | None = None
         seen = False
-        with self._lock:
-            if not self._open:
+        with self._ctx.lock:
+            if not self._ctx.open:
                 return
             try:
-                while self._checkpointing:
-                    self._cond.wait()
-                seen = self._applier.reported
+                while self._ctx.checkpointing:
+                    self._ctx.cond.wait()
+                seen = self._ctx.applier.reported
                 try:  # queued asynchronous updates are applied, not lost
-                    self._applier.drain()
+                    self._ctx.applier.drain()
                 except ApplierError as e:  # no checkpoint after a failed update; raised here only if
                     failed = e  # no earlier call has raised it
-                if checkpoint and failed is None and self._writeback.error is not None:
-                    seen = self._writeback.reported  # a failed write-back (full disk): no checkpoint either
+                if checkpoint and failed is None and self._ctx.writeback.error is not None:
+                    seen = self._ctx.writeback.reported  # a failed write-back (full disk): no checkpoint
                     try:
-                        self._writeback.raise_error()
+                        self._ctx.writeback.raise_error()
                     except MlkvError as e:
                         failed = e
-                if checkpoint and not self.readonly and self._changed and failed is None:
+                if checkpoint and not self.readonly and self._ctx.changed and failed is None:
                     try:
                         self._checkpoint_locked(None)
                     except Exception as e:  # e.g. StorageFullError: release all the same, then raise it
                         failed, seen = e, False
             finally:
-                self._open = False
-                self._cond.notify_all()
-                self._applier.shutdown()
+                self._ctx.open = False
+                self._ctx.cond.notify_all()
+                self._ctx.applier.shutdown()
         try:  # background threads need the store lock to finish: stop them with it released
-            if self._io is not None:
-                self._io.shutdown(wait=True)
-            self._writeback.shutdown()
-            with self._engine_lock.write():
+            self._ctx.shutdown_io()
+            self._ctx.writeback.shutdown()
+            with self._ctx.engine_lock.write():
                 self._engine.close()
         finally:
             self._file_lock.release()
@@ -706,8 +632,13 @@ class Store:
         past a dense model's checkpoint are not committed without it."""
         self.close(checkpoint=exc_type is None)
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has run (or the process that opened the store let it go)."""
+        return not self._ctx.open
+
     def __repr__(self) -> str:
-        state = "open" if self._open else "closed"
+        state = "open" if self._ctx.open else "closed"
         return f"mlkv.Store({self.path!r}, engine={self.engine_name!r}, {state})"
 
 
@@ -750,7 +681,7 @@ def rollback(
         ids = [i for i, _ in store.checkpoints()]
         if ids and checkpoint_id == ids[-1]:
             return []
-        with store._lock, store._engine_lock.write():
+        with store._ctx.lock, store._ctx.engine_lock.write():
             dropped = store._engine.rollback(checkpoint_id)
     finally:
         store.close(checkpoint=False)

@@ -9,6 +9,10 @@ admitted to the tier, evicting cold rows (their dirty bytes go to the write-back
 room (every row pinned or announced) are served from a batch buffer, and their changes are queued for the
 engine directly, so a batch larger than the tier still works. `update` reads, applies the optimizer and
 stores within one critical section, so concurrent updates of a row never lose each other.
+
+What a Table uses of its Store is the StoreContext (context.py): the one lock and its condition, the
+engine and its lock, the write-back queue, the applier, the budget, the stats and the guards; its rows'
+memory is the MemoryTier's (memory_tier.py), which alone pins, announces, marks dirty and evicts.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from .validate import as_keys, as_rows
 from .writeback import ROW
 
 if TYPE_CHECKING:
+    from .context import StoreContext
     from .store import Store
 
 # Keys per background read. The engine puts a cold read's device reads in flight together itself (the slot
@@ -101,8 +106,9 @@ class Table:
         - grads of :meth:`update`, values of :meth:`put`: :math:`(n, \text{dim})`, float32.
     """
 
-    def __init__(self, store: Store, name: str, schema: dict, optimizer, init_fn):
-        self._store = store
+    def __init__(self, store: Store, ctx: StoreContext, name: str, schema: dict, optimizer, init_fn):
+        self._store = store  # for `store` and the store's staleness_bound only: the rest is in ctx
+        self._ctx = ctx
         self.name = name
         self.dim: int = schema["dim"]
         self.dtype: str = schema["dtype"]
@@ -126,11 +132,11 @@ class Table:
         self._sketch = AdmissionSketch(width) if self.admit_after > 1 else None
         self.tier = MemoryTier(self.dim, self._state_width + self._age, self._codec)
         self._schema = schema
-        self._gate = StalenessGate(name, store._cond)
+        self._gate = StalenessGate(name, ctx.cond)
         self._inflight = KeyIndex()
         self._announced = False  # set by the first lookahead; until then reads skip the announcement count
-        with store._engine_lock.read():
-            self._count = store._engine.count(name)
+        with ctx.engine_lock.read():
+            self._count = ctx.engine.count(name)
 
     def _rounded_init(self, init_fn):
         """`init_fn` with its rows rounded to the table's dtype (nearest even): a key's init row is what
@@ -192,10 +198,10 @@ class Table:
 
     def _read_engine(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         """Engine rows of distinct keys (store lock NOT held): (rows, found, seconds)."""
-        st = self._store
+        st = self._ctx
         t0 = time.perf_counter()
-        with st._engine_lock.read():
-            raw, found = st._engine.read(self.name, keys)
+        with st.engine_lock.read():
+            raw, found = st.engine.read(self.name, keys)
         return self._codec.from_bytes(raw), found, time.perf_counter() - t0
 
     def _assemble(self, keys, status, queued, disk_rows, found) -> tuple[np.ndarray, np.ndarray]:
@@ -223,53 +229,53 @@ class Table:
         """Rows of distinct keys that are neither resident nor in flight: (rows, created).
 
         Marks the keys in flight and releases the store lock for the engine read."""
-        st = self._store
-        status, queued = st._writeback.lookup(self.name, keys)
+        st = self._ctx
+        status, queued = st.writeback.lookup(self.name, keys)
         on_disk = status == 0
         disk_rows, found = None, np.empty(0, dtype=bool)
         if on_disk.any():
             self._inflight.insert_new(keys, np.zeros(len(keys), dtype=np.int64))
-            st._lock.release()
+            st.lock.release()
             try:
                 disk_rows, found, secs = self._read_engine(keys[on_disk])
             finally:
-                st._lock.acquire()
+                st.lock.acquire()
                 self._wait_checkpoint()  # the keys stay in flight meanwhile: nobody loads them twice
                 self._inflight.remove(keys)
-                st._cond.notify_all()
-            st._stats["stall_seconds"] += secs
-            st._stats["bytes_read"] += int(found.sum()) * self.tier.row_bytes
+                st.cond.notify_all()
+            st.stats["stall_seconds"] += secs
+            st.stats["bytes_read"] += int(found.sum()) * self.tier.row_bytes
         rows, created = self._assemble(keys, status, queued, disk_rows, found)
-        st._stats["misses"] += len(keys)
+        st.stats["misses"] += len(keys)
         if writable and created.any():
             self._count += int(created.sum())
-            st._changed = True
+            st.changed = True
         return rows, created & writable
 
     def _make_room(self, n: int, demand: bool) -> None:
         """Free n tier slots if the budget allows, growing the tier or evicting cold rows. Rows announced by
         look-ahead are kept, except from a demand read that finds nothing else: announcements are hints
         (a batch announced and then never read must not pin the tier forever)."""
-        tier, st = self.tier, self._store
+        tier, st = self.tier, self._ctx
         short = n - tier.n_free
-        if short > 0 and not st._budget.settled(self):
-            st._budget.grow(self, short)
+        if short > 0 and not st.budget.settled(self):
+            st.budget.grow(self, short)
             short = n - tier.n_free
         for announced_too in (False, True) if demand else (False,):
             if short > 0:
                 before = tier.n_free
                 self._queue_write(*tier.evict(short, announced_too))
-                st._stats["evictions"] += tier.n_free - before
+                st.stats["evictions"] += tier.n_free - before
                 short = n - tier.n_free
 
     def _queue_write(self, keys: np.ndarray, rows: np.ndarray) -> None:
         if len(keys):
-            st = self._store
-            st._stats["rows_written_back"] += len(keys)
-            st._stats["bytes_written"] += len(keys) * self.tier.row_bytes
+            st = self._ctx
+            st.stats["rows_written_back"] += len(keys)
+            st.stats["bytes_written"] += len(keys) * self.tier.row_bytes
             if self._codec.half:  # queued as engine bytes: half the embedding bytes, read back decoded
                 rows = self._codec.to_bytes(rows)
-            st._writeback.submit(self.name, keys, rows, st._stats)
+            st.writeback.submit(self.name, keys, rows, st.stats)
 
     def resize_tier(self, cap: int) -> None:
         self._queue_write(*self.tier.resize(cap))
@@ -279,8 +285,8 @@ class Table:
         this operation changes anything, or the checkpoint would hold part of it (the Adam step without the
         rows) and clear `_changed` under it (close() would then skip it). `Store._enter` does the same for
         operations that have not begun."""
-        while self._store._checkpointing:
-            self._store._cond.wait()
+        while self._ctx.checkpointing:
+            self._ctx.cond.wait()
 
     def _wait_busy(self, keys: np.ndarray) -> None:
         """Wait until no key is in flight or pinned by a read in progress (a delete must not pull a row
@@ -293,7 +299,7 @@ class Table:
                 busy = tier.pinned(slots).any()
             if not busy:
                 return
-            self._store._cond.wait()
+            self._ctx.cond.wait()
             self._wait_checkpoint()
 
     def _gather(
@@ -302,25 +308,25 @@ class Table:
         """Rows of distinct keys as of now, admitting misses to the tier: (slots, rows); slot -1 marks a row
         that found no room and lives only in `rows` (a created one is already queued for the engine).
         `slots`: the caller's tier lookup of `keys`, made under the same hold of the lock."""
-        tier, st = self.tier, self._store
+        tier, st = self.tier, self._ctx
         while True:
             if slots is None:
                 slots = tier.lookup(keys)
             miss = slots < 0
             if not miss.any():
-                st._stats["hits"] += len(keys)
+                st.stats["hits"] += len(keys)
                 return slots, tier.rows(slots)
             if not (len(self._inflight) and (self._inflight.lookup(keys[miss]) >= 0).any()):
                 break
             t0 = time.perf_counter()
-            st._cond.wait()  # another thread is reading some of them: wait for it rather than read twice
-            st._stats["stall_seconds"] += time.perf_counter() - t0  # waiting for that read is a disk stall
+            st.cond.wait()  # another thread is reading some of them: wait for it rather than read twice
+            st.stats["stall_seconds"] += time.perf_counter() - t0  # waiting for that read is a disk stall
             self._wait_checkpoint()
             slots = None
         hit_at = np.flatnonzero(~miss)
         hit_keys = keys[hit_at]
         tier.pin(slots[hit_at])  # keep the batch's resident rows while the lock is released
-        st._stats["hits"] += len(hit_keys)
+        st.stats["hits"] += len(hit_keys)
         miss_at = np.flatnonzero(miss)
         moves = tier.moves  # unchanged: every slot found so far still holds its key (pinned rows stay)
         try:
@@ -330,7 +336,7 @@ class Table:
         finally:
             hit_slots = slots[hit_at] if tier.moves == moves else tier.lookup(hit_keys)
             tier.unpin(hit_slots)  # all of them: a delete waits for pins, eviction skips them
-            st._cond.notify_all()  # a delete may be waiting for these pins
+            st.cond.notify_all()  # a delete may be waiting for these pins
         slots = slots.copy()
         slots[miss_at] = placed
         slots[hit_at] = hit_slots
@@ -357,7 +363,7 @@ class Table:
         tier.mark_written(s)
         if not inside.all():
             self._queue_write(keys[~inside], rows[~inside])
-        self._store._changed = True
+        self._ctx.changed = True
 
     def _consume(self, slots: np.ndarray) -> None:
         """Reads of resident rows: CLOCK's bit set, one look-ahead announcement used up each."""
@@ -366,18 +372,18 @@ class Table:
     def _get_untracked(self, keys: np.ndarray) -> np.ndarray:
         """get(track=False), store lock held. Resident rows are copied out in the same pass that finds them,
         so only the distinct missing keys go through the miss path (no dedup of the whole batch, no pins)."""
-        st = self._store
+        st = self._ctx
         out = np.empty((len(keys), self.dim), dtype=np.float32)
         slots = self.tier.read(keys, out)
         miss = slots < 0
         n_miss = int(np.count_nonzero(miss))
-        st._stats["hits"] += len(keys) - n_miss
+        st.stats["hits"] += len(keys) - n_miss
         if self._announced:
             self._consume(slots)
         if n_miss:
             uk, inv = dedup(keys[miss])
             slots, rows = self._gather(uk, not st.readonly, np.full(len(uk), -1, dtype=np.int64))
-            st._stats["misses"] += n_miss - len(uk)  # counted per key asked for, like the hits
+            st.stats["misses"] += n_miss - len(uk)  # counted per key asked for, like the hits
             self._consume(slots)
             _fill_misses(out, miss, rows, inv)
         return out
@@ -419,16 +425,16 @@ class Table:
             CorruptionError: a row read from disk failed its checksum.
         """
         k = as_keys(keys)
-        if self._sketch is not None and not self._store.readonly:
+        if self._sketch is not None and not self._ctx.readonly:
             return self._get_admitting(k, track, reader)
         return self._get(k, track, reader)
 
     def _get_admitting(self, k: np.ndarray, track: bool, reader: Hashable | None) -> np.ndarray:
         """get() when admit_after > 1: a key not stored yet is counted by each tracked read (one per batch)
         and served from init, without being stored, until admit_after reads have named it."""
-        st = self._store
-        with st._lock:
-            st._enter(self)
+        st = self._ctx
+        with st.lock:
+            st.enter(self)
             uk, inv, _ = unique_inverse(k)
             new_at = np.flatnonzero(~self._exists(uk))
             counts = self._sketch.add(uk[new_at]) if track else self._sketch.estimate(uk[new_at])
@@ -436,8 +442,8 @@ class Table:
             waiting[new_at[counts < self.admit_after]] = True
             n_waiting = int(np.count_nonzero(waiting))
             if track:  # sightings: only tracked reads count
-                st._stats["rows_rejected"] += n_waiting
-                st._stats["rows_admitted"] += len(new_at) - n_waiting
+                st.stats["rows_rejected"] += n_waiting
+                st.stats["rows_admitted"] += len(new_at) - n_waiting
         if n_waiting == 0:
             return self._get(k, track, reader)
         out = np.empty((len(uk), self.dim), dtype=np.float32)
@@ -447,18 +453,18 @@ class Table:
         return out[inv]
 
     def _get(self, k: np.ndarray, track: bool, reader: Hashable | None) -> np.ndarray:
-        st = self._store
-        with st._lock:
-            st._enter(self)
+        st = self._ctx
+        with st.lock:
+            st.enter(self)
             if not track:
                 return self._get_untracked(k)
             uk, inv, _ = unique_inverse(k)
-            new = self._gate.acquire(uk, self._reader(reader), self._bound, st.staleness_timeout, st._stats)
+            new = self._gate.acquire(uk, self._reader(reader), self._bound, st.staleness_timeout, st.stats)
             try:
                 self._wait_checkpoint()  # the gate may have waited with the lock released
                 slots = self.tier.lookup(uk)
                 if slots.min(initial=0) >= 0:  # all resident: one gather of just the embedding columns
-                    st._stats["hits"] += len(uk)
+                    st.stats["hits"] += len(uk)
                     self._consume(slots)
                     return self._embeddings(slots[inv])
                 slots, rows = self._gather(uk, not st.readonly, slots)
@@ -493,11 +499,11 @@ class Table:
             StoreClosedError: the store is closed or the table was dropped.
         """
         k, g = self._update_args(keys, grads, optimizer)
-        st = self._store
+        st = self._ctx
         if len(k) == 0:
             return
-        with st._lock:
-            st._enter(self)
+        with st.lock:
+            st.enter(self)
             self._after_async()
             self._check_writeback(k, reader)
             uk, inv, _ = unique_inverse(k)
@@ -506,7 +512,7 @@ class Table:
     def _update_args(self, keys, grads, optimizer) -> tuple[np.ndarray, np.ndarray]:
         """Validated (keys, grads) of an update; raises before anything changes."""
         k = as_keys(keys)
-        self._store._check_writable(self)
+        self._ctx.check_writable(self)
         if self.optimizer is None:
             raise MlkvError(f"table {self.name!r} was created with optimizer=None and is not trainable")
         if optimizer is not None and type(optimizer) is not type(self.optimizer):
@@ -537,7 +543,7 @@ class Table:
         if self._sketch is not None:  # gradients of keys not admitted yet are dropped
             stored = self._exists(uk)
             if not stored.all():
-                self._store._stats["grads_dropped"] += int((~stored).sum())
+                self._ctx.stats["grads_dropped"] += int((~stored).sum())
                 self._gate.resolve(uk[~stored], reader)
                 uk, summed = uk[stored], summed[stored]
                 if not len(uk):
@@ -547,10 +553,10 @@ class Table:
         if not self._age and fusable and not self._codec.half:
             slots = self.tier.lookup(uk)
             if slots.min(initial=0) >= 0:  # all resident: the step in place, one kernel over the rows
-                self._store._stats["hits"] += len(uk)
+                self._ctx.stats["hits"] += len(uk)
                 self.step += 1
                 self.tier.adagrad(slots, summed, opt.lr, opt.eps)
-                self._store._changed = True
+                self._ctx.changed = True
                 self._gate.resolve(uk, reader)
                 return
         slots, rows = self._gather(uk, True)
@@ -571,36 +577,36 @@ class Table:
     def _unlocked(self, keys: np.ndarray, slots: np.ndarray, work) -> np.ndarray:
         """Run `work` with the store lock released while `keys`' resident rows stay pinned (never evicted
         or removed meanwhile); return the keys' slots as of after it (a resize may move pinned rows)."""
-        tier, st = self.tier, self._store
+        tier, st = self.tier, self._ctx
         resident = slots >= 0
         tier.pin(slots[resident])
         moves = tier.moves
-        st._lock.release()
+        st.lock.release()
         try:
             work()
         finally:
-            st._lock.acquire()
+            st.lock.acquire()
             if tier.moves != moves:
                 slots = tier.lookup(keys)
             tier.unpin(slots[resident])
-            st._cond.notify_all()  # a delete may be waiting for these pins
+            st.cond.notify_all()  # a delete may be waiting for these pins
         return slots
 
     def _check_writeback(self, keys: np.ndarray, reader: Hashable | None) -> None:
         """A failed write-back (StorageFullError...) is raised at the next update/put/delete, which then
         changes nothing; the reader's tracked reads of `keys` are given back first, so other readers do not
         wait for an update that will not come. Store lock held."""
-        if self._store._writeback.error is not None:
+        if self._ctx.writeback.error is not None:
             self._gate.resolve(unique_keys(keys), self._reader(reader))
-            self._store._writeback.raise_error()
+            self._ctx.writeback.raise_error()
 
     def _after_async(self) -> None:
         """A synchronous write comes after every asynchronous update of this table submitted before it
         (program order); store lock held."""
-        if self._store._applier.pending(self.name):
-            self._store._applier.drain(self.name)
+        if self._ctx.applier.pending(self.name):
+            self._ctx.applier.drain(self.name)
         else:
-            self._store._applier.raise_error()
+            self._ctx.applier.raise_error()
 
     def update_async(self, keys, grads, reader: Hashable | None = None, optimizer=None) -> None:
         """Like :meth:`update`, but applied by the store's background applier when the table's staleness
@@ -625,31 +631,31 @@ class Table:
             InvalidArgumentError, InvalidTypeError: bad keys or gradients (nothing is queued).
         """
         k, g = self._update_args(keys, grads, optimizer)
-        st = self._store
+        st = self._ctx
         bound = self._bound
         if bound == 0 or len(k) == 0:
             self.update(k, g, reader=reader, optimizer=optimizer)
             return
         g = np.array(g, dtype=np.float32, copy=True)
         owner = self._reader(reader)
-        with st._lock:
-            st._enter(self)
+        with st.lock:
+            st.enter(self)
             self._check_writeback(k, reader)
             uk, inv, _ = unique_inverse(k)
             token = _PendingUpdate(self.name)
 
             def job() -> None:
-                with st._lock:
+                with st.lock:
                     try:
-                        st._enter(self)
+                        st.enter(self)
                         self._apply_update(uk, inv, g, token, optimizer, outside_lock=True)
                     finally:
                         self._gate.release_all(token)
 
-            st._stats["async_wait_seconds"] += st._applier.submit(self.name, job, bound)
-            st._check_open(self)  # submit may have waited with the lock released
+            st.stats["async_wait_seconds"] += st.applier.submit(self.name, job, bound)
+            st.check_open(self)  # submit may have waited with the lock released
             self._gate.hand_over(uk, owner, token)
-            st._stats["async_updates"] += 1
+            st.stats["async_updates"] += 1
 
     def wait_updates(self, raise_only: bool = False) -> None:
         """Wait until this table's asynchronous updates submitted so far are applied (``update_async``).
@@ -660,13 +666,13 @@ class Table:
         Raises:
             ApplierError: an asynchronous update of the store failed (later ones were not applied).
         """
-        st = self._store
-        with st._lock:
-            st._check_open(self)
+        st = self._ctx
+        with st.lock:
+            st.check_open(self)
             if raise_only:
-                st._applier.raise_error()
+                st.applier.raise_error()
             else:
-                st._applier.drain(self.name)
+                st.applier.drain(self.name)
 
     def put(self, keys, values, reader: Hashable | None = None) -> None:
         r"""Overwrite embeddings (optimizer state is kept); for a key given twice the last value wins.
@@ -684,13 +690,13 @@ class Table:
             StoreClosedError: the store is closed or the table was dropped.
         """
         k = as_keys(keys)
-        st = self._store
-        st._check_writable(self)
+        st = self._ctx
+        st.check_writable(self)
         v = as_rows(values, len(k), self.dim, "values")
         if len(k) == 0:
             return
-        with st._lock:
-            st._enter(self)
+        with st.lock:
+            st.enter(self)
             self._after_async()
             self._check_writeback(k, reader)
             uk, _, last = unique_inverse(k[::-1])
@@ -713,10 +719,10 @@ class Table:
             StoreClosedError: the store is closed or the table was dropped.
         """
         k = as_keys(keys)
-        st = self._store
-        with st._lock:
-            st._check_open(self)
-            st._applier.raise_error()  # a failed asynchronous update surfaces at the trainer's next call
+        st = self._ctx
+        with st.lock:
+            st.check_open(self)
+            st.applier.raise_error()  # a failed asynchronous update surfaces at the trainer's next call
             self._gate.resolve(unique_keys(k), self._reader(reader))
 
     def lookahead(self, keys) -> None:
@@ -735,9 +741,9 @@ class Table:
             StoreClosedError: the store is closed or the table was dropped.
         """
         k = as_keys(keys)
-        st = self._store
-        with st._lock:
-            st._enter(self)
+        st = self._ctx
+        with st.lock:
+            st.enter(self)
             uk = unique_keys(k)
             if self._sketch is not None:  # keys not admitted yet are served from init: nothing to fetch
                 uk = uk[self._exists(uk)]
@@ -754,29 +760,29 @@ class Table:
             if len(todo) == 0:
                 return
             self._inflight.insert_new(todo, np.zeros(len(todo), dtype=np.int64))
-            pool = st._io_pool()
+            pool = st.io_pool()
             for chunk in np.array_split(todo, -(-len(todo) // _LOOKAHEAD_CHUNK)):
                 pool.submit(self._lookahead_job, chunk)
 
     def _lookahead_job(self, keys: np.ndarray) -> None:
         """On an I/O thread: read announced rows (store lock released) and admit those that fit."""
-        st = self._store
+        st = self._ctx
         try:
-            with st._lock:
-                status, queued = st._writeback.lookup(self.name, keys)
+            with st.lock:
+                status, queued = st.writeback.lookup(self.name, keys)
             on_disk = status == 0
             disk_rows, found, _ = self._read_engine(keys[on_disk])
         except BaseException:
-            with st._lock:
+            with st.lock:
                 self._inflight.remove(keys)
-                st._stats["lookahead_errors"] += 1
-                st._cond.notify_all()
+                st.stats["lookahead_errors"] += 1
+                st.cond.notify_all()
             return  # the reader that needs these rows reads them itself and sees the error
-        with st._lock:
+        with st.lock:
             self._wait_checkpoint()
             more = np.maximum(self._inflight.remove(keys), 0)  # announced again while in flight
-            st._cond.notify_all()
-            if not st._open or st._tables.get(self.name) is not self:
+            st.cond.notify_all()
+            if not st.is_current(self):
                 return
             rows, created = self._assemble(keys, status, queued, disk_rows, found)
             # a key may have been loaded by a reader meanwhile: only the still-absent ones are admitted
@@ -790,10 +796,10 @@ class Table:
             spilled = created & ~placed  # a created key exists from now on, cached or not
             self._queue_write(keys[spilled], rows[spilled])
             self._count += int(created.sum())
-            st._changed |= bool(created.any())
-            st._stats["bytes_read"] += int(found.sum()) * self.tier.row_bytes
-            st._stats["lookahead_rows"] += int(placed.sum())
-            st._stats["lookahead_dropped"] += int((~placed).sum())
+            st.changed |= bool(created.any())
+            st.stats["bytes_read"] += int(found.sum()) * self.tier.row_bytes
+            st.stats["lookahead_rows"] += int(placed.sum())
+            st.stats["lookahead_dropped"] += int((~placed).sum())
 
     def delete(self, keys, reader: Hashable | None = None) -> None:
         """Delete the rows of `keys` (absent keys are ignored); a later read creates them afresh from init.
@@ -812,30 +818,30 @@ class Table:
             StoreClosedError: the store is closed or the table was dropped.
         """
         k = as_keys(keys)
-        st = self._store
-        st._check_writable(self)
-        with st._lock:
-            st._enter(self)
+        st = self._ctx
+        st.check_writable(self)
+        with st.lock:
+            st.enter(self)
             self._after_async()
             self._check_writeback(k, reader)
             uk = unique_keys(k)
             self._wait_busy(uk)
             self._count -= int(self._exists(uk).sum())
             self.tier.remove(uk)
-            st._writeback.submit(self.name, uk, None, st._stats)
+            st.writeback.submit(self.name, uk, None, st.stats)
             self._gate.resolve(uk, self._reader(reader))
-            st._changed = True
+            st.changed = True
 
     def _exists(self, keys: np.ndarray) -> np.ndarray:
         """Which distinct keys exist (writable store: every resident row exists)."""
-        st = self._store
+        st = self._ctx
         out = self.tier.lookup(keys) >= 0
-        status, _ = st._writeback.lookup(self.name, keys)
+        status, _ = st.writeback.lookup(self.name, keys)
         out |= status == ROW
         ask = ~out & (status == 0)
         if ask.any():
-            with st._engine_lock.read():
-                out[ask] = st._engine.contains(self.name, keys[ask])
+            with st.engine_lock.read():
+                out[ask] = st.engine.contains(self.name, keys[ask])
         return out
 
     def contains(self, keys) -> np.ndarray:
@@ -850,20 +856,20 @@ class Table:
             StoreClosedError: the store is closed or the table was dropped.
         """
         k = as_keys(keys)
-        st = self._store
-        with st._lock:
-            st._check_open(self)
+        st = self._ctx
+        with st.lock:
+            st.check_open(self)
             if st.readonly:
-                return st._engine.contains(self.name, k)
+                return st.engine.contains(self.name, k)
             uk, inv, _ = unique_inverse(k)
             return self._exists(uk)[inv]
 
     def __len__(self) -> int:
         """The number of rows (keys stored)."""
-        st = self._store
-        with st._lock:
-            st._check_open(self)
-            return st._engine.count(self.name) if st.readonly else self._count
+        st = self._ctx
+        with st.lock:
+            st.check_open(self)
+            return st.engine.count(self.name) if st.readonly else self._count
 
     # ---- admission and expiry ------------------------------------------------------------------------
     def _set_lifetime(self, options: dict) -> None:
@@ -896,22 +902,22 @@ class Table:
         Raises:
             ReadOnlyError, StoreClosedError: the store is read-only or closed.
         """
-        st = self._store
-        st._check_writable(self)
-        with st._lock:
-            st._enter(self)
+        st = self._ctx
+        st.check_writable(self)
+        with st.lock:
+            st.enter(self)
             self._after_async()
             return self._expire_locked()
 
     def _expire_locked(self) -> int:
         if not self._age or (self.ttl_steps is None and self.max_rows is None):
             return 0
-        st = self._store
+        st = self._ctx
         self._flush_locked()
-        st._writeback.drain(self.name)  # every row of the table is in the engine now
+        st.writeback.drain(self.name)  # every row of the table is in the engine now
         parts_k, parts_a = [], []
-        with st._engine_lock.read():
-            for keys, raw in st._engine.scan(self.name, 1 << 16):
+        with st.engine_lock.read():
+            for keys, raw in st.engine.scan(self.name, 1 << 16):
                 words = self._codec.words(raw)
                 parts_k.append(keys)
                 parts_a.append(words[:, -1].astype(np.int64))
@@ -937,12 +943,12 @@ class Table:
         gone = np.sort(gone)
         if len(gone):
             self.tier.remove(gone)
-            st._writeback.submit(self.name, gone, None, st._stats)
+            st.writeback.submit(self.name, gone, None, st.stats)
             self._count -= len(gone)
-            st._changed = True
+            st.changed = True
         by_ttl = int(np.isin(gone, keys[stale]).sum())
-        st._stats["rows_expired"] += by_ttl
-        st._stats["rows_evicted_by_cap"] += len(gone) - by_ttl
+        st.stats["rows_expired"] += by_ttl
+        st.stats["rows_evicted_by_cap"] += len(gone) - by_ttl
         return len(gone)
 
     def _flush_locked(self) -> None:
@@ -952,13 +958,13 @@ class Table:
         instead of the whole tier. A resize meanwhile (a look-ahead admission) moves rows: the scan starts
         again, and only rows still dirty are taken. A failed write-back queue stops the flush: the rows not
         queued stay dirty in the tier (the caller's drain raises the failure)."""
-        st, tier = self._store, self.tier
-        per = max(1, st._writeback.limit_bytes // 2 // max(1, 4 * tier.width))
-        with st._cut():
+        st, tier = self._ctx, self.tier
+        per = max(1, st.writeback.limit_bytes // 2 // max(1, 4 * tier.width))
+        with st.cut():
             first, moves = 0, tier.moves
             while first < tier.capacity:
-                st._writeback.wait_room(per * 4 * tier.width)
-                if st._writeback.error is not None:  # the queue stopped: rows stay dirty here, readable
+                st.writeback.wait_room(per * 4 * tier.width)
+                if st.writeback.error is not None:  # the queue stopped: rows stay dirty here, readable
                     return  # (the caller's drain raises the failure)
                 if tier.moves != moves:  # rows moved while the lock was released
                     first, moves = 0, tier.moves
@@ -967,12 +973,12 @@ class Table:
 
     def flush(self) -> None:
         """Queue every dirty row for the engine and wait until it is there (durable at next checkpoint)."""
-        st = self._store
-        with st._lock:
-            st._enter(self)  # after a checkpoint in progress, as every row operation
+        st = self._ctx
+        with st.lock:
+            st.enter(self)  # after a checkpoint in progress, as every row operation
             if not st.readonly:
                 self._flush_locked()
-                st._writeback.drain(self.name)
+                st.writeback.drain(self.name)
 
     def items(self, batch_size: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every (keys, embeddings) of the table, in batches; flushes the tier first.
@@ -987,13 +993,13 @@ class Table:
             StorageFullError, StorageIOError: the flush found a failed write-back."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise InvalidArgumentError(f"batch_size must be a positive int, got {batch_size!r}")
-        st = self._store
+        st = self._ctx
         self.flush()
-        with st._engine_lock.read():
-            batches = st._engine.scan(self.name, batch_size)
+        with st.engine_lock.read():
+            batches = st.engine.scan(self.name, batch_size)
         while True:
-            with st._engine_lock.read():
-                st._check_open(self)  # under the engine lock: a close or drop cannot take the table now
+            with st.engine_lock.read():
+                st.check_open(self)  # under the engine lock: a close or drop cannot take the table now
                 batch = next(batches, None)
             if batch is None:
                 return
@@ -1015,9 +1021,9 @@ class Table:
         k = as_keys(keys)
         if self.optimizer is None:
             return {}
-        st = self._store
-        with st._lock:
-            st._enter(self)
+        st = self._ctx
+        with st.lock:
+            st.enter(self)
             uk, inv, _ = unique_inverse(k)
             _, rows = self._gather(uk, not st.readonly)
             state = rows[inv, self.dim : self.dim + self._state_width]

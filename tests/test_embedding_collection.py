@@ -243,3 +243,61 @@ def test_the_prefetchers_dedup_is_reused_for_every_table(tmp_path):
             opt.step()
             opt.zero_grad()
         assert MEMO.hits - hits == 5 * N_TABLES
+
+
+def test_an_empty_batch_gives_empty_bags_and_reads_nothing(store):
+    tables = sgd_tables(store)
+    ebc = EmbeddingBagCollection(tables)
+    opt = SparseOptimizer(ebc)
+    out = ebc(torch.zeros(0, N_TABLES, dtype=torch.int64))
+    assert out.shape == (0, N_TABLES, DIM)
+    out.sum().backward()
+    opt.step()
+    assert all(t.updates == [] and t.outstanding() == 0 for t in tables)
+
+
+class _GetRunsFirst(SpyTable):
+    """A table whose next get first runs `before` (here: drops an abandoned forward's output, as the
+    garbage collector may at any allocation)."""
+
+    before = None
+
+    def get(self, keys, track=True, reader=None):
+        if self.before is not None:
+            self.before()
+            self.before = None
+        return super().get(keys, track=track, reader=reader)
+
+
+def test_a_graph_dying_between_two_tables_reads_releases_none_of_the_new_reads(store):
+    tables = sgd_tables(store)
+    tables[1] = _GetRunsFirst(tables[1]._t)
+    ebc = EmbeddingBagCollection(tables)
+    opt = SparseOptimizer(ebc)
+    keys = batch(8, (6, N_TABLES))
+    abandoned = {"out": ebc(keys)}  # never backpropagated: its reads are released once its graph dies
+    tables[1].before = lambda: abandoned.clear()
+    out = ebc(keys)  # the same keys again: table 0 is read before the old graph dies, table 1 after
+    assert tables[0].held[opt.reader] == set(keys[:, 0].tolist())  # still held for this forward
+    out.sum().backward()
+    opt.step()
+    assert all(t.outstanding() == 0 for t in tables)
+
+
+def test_requires_grad_of_the_collection_freezes_every_member(store):
+    tables = sgd_tables(store)
+    ebc = EmbeddingBagCollection(tables)
+    opt = SparseOptimizer(ebc)
+    assert ebc.requires_grad_(False) is ebc
+    assert not any(m.requires_grad for m in ebc)
+    assert not ebc(batch(9, (4, N_TABLES))).requires_grad
+    opt.step()
+    assert all(t.updates == [] and t.outstanding() == 0 for t in tables)
+
+
+def test_a_collection_without_optimizer_warns_once_naming_its_tables(store):
+    ebc = EmbeddingBagCollection(sgd_tables(store))
+    with pytest.warns(UserWarning, match="tables 't0', 't1', 't2' belong to no SparseOptimizer") as got:
+        ebc(batch(10, (4, N_TABLES)))
+        ebc(batch(11, (4, N_TABLES)))
+    assert len(got) == 1

@@ -52,7 +52,6 @@ class StoreContext:
         self,
         path: str,
         readonly: bool,
-        staleness_timeout: float,
         cache_bytes: int,
         writeback_limit: int,
         io_threads: int,
@@ -60,7 +59,6 @@ class StoreContext:
     ):
         self.path = path
         self.readonly = readonly
-        self.staleness_timeout = staleness_timeout
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.engine_lock = RWLock()

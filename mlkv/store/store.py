@@ -214,9 +214,7 @@ class Store:
         limit = max(WRITEBACK_MIN_BYTES, min(WRITEBACK_MAX_BYTES, self.cache_bytes // 4))
         name = os.path.basename(os.path.normpath(path)) or "store"
         # what the tables share with the store: one lock, the engine's lock, queues, stats, guards
-        self._ctx = StoreContext(
-            path, readonly, self.staleness_timeout, self.cache_bytes, limit, io_threads, name
-        )
+        self._ctx = StoreContext(path, readonly, self.cache_bytes, limit, io_threads, name)
         self._ctx.engine = self._engine
 
     # ---- tables -------------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ class Table:
     """
 
     def __init__(self, store: Store, ctx: StoreContext, name: str, schema: dict, optimizer, init_fn):
-        self._store = store  # for `store` and the store's staleness_bound only: the rest is in ctx
+        self._store = store  # `store` and its settings (staleness_bound, staleness_timeout); the rest: ctx
         self._ctx = ctx
         self.name = name
         self.dim: int = schema["dim"]
@@ -283,8 +283,8 @@ class Table:
     def _wait_checkpoint(self) -> None:
         """After the store lock was released mid-operation: a checkpoint that began meanwhile must end before
         this operation changes anything, or the checkpoint would hold part of it (the Adam step without the
-        rows) and clear `_changed` under it (close() would then skip it). `Store._enter` does the same for
-        operations that have not begun."""
+        rows) and clear `changed` under it (close() would then skip it). `StoreContext.enter` does the same
+        for operations that have not begun."""
         while self._ctx.checkpointing:
             self._ctx.cond.wait()
 
@@ -459,7 +459,8 @@ class Table:
             if not track:
                 return self._get_untracked(k)
             uk, inv, _ = unique_inverse(k)
-            new = self._gate.acquire(uk, self._reader(reader), self._bound, st.staleness_timeout, st.stats)
+            timeout = self._store.staleness_timeout
+            new = self._gate.acquire(uk, self._reader(reader), self._bound, timeout, st.stats)
             try:
                 self._wait_checkpoint()  # the gate may have waited with the lock released
                 slots = self.tier.lookup(uk)

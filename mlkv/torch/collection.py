@@ -19,6 +19,7 @@ Thread-safety: as EmbeddingBag, a collection is called from one thread at a time
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,16 +33,23 @@ from .modules import EmbeddingBag, bag_grad, dedup_keys
 _POOLING = ("sum", "mean")
 
 
+def _pool(idx: Tensor, weight: Tensor, mode: str) -> Tensor:
+    """Bags of L indices (idx (N, L)) pooled: a gather when L == 1 (a third faster than embedding_bag for
+    the one-key-per-feature layout; the same values), embedding_bag otherwise."""
+    if idx.shape[1] == 1:
+        return F.embedding(idx.reshape(-1), weight)
+    return F.embedding_bag(idx, weight, mode=mode)
+
+
 class _PooledLookup(torch.autograd.Function):
     """``embedding_bag(idx, cat(W_0, .., W_T-1), mode)`` for bags of L indices (idx (N, L)); the backward
     scatters grad_out into one gradient of the concatenated rows (bag_grad) and returns each W_t its rows."""
 
     @staticmethod
     def forward(ctx, idx: Tensor, mode: str, *ws: Tensor) -> Tensor:
-        weight = torch.cat(ws) if len(ws) > 1 else ws[0]
         ctx.save_for_backward(idx)
         ctx.mode, ctx.sizes = mode, [len(w) for w in ws]
-        return F.embedding_bag(idx, weight, mode=mode)
+        return _pool(idx, torch.cat(ws) if len(ws) > 1 else ws[0], mode)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -62,7 +70,8 @@ class EmbeddingBagCollection(nn.ModuleList):
     Input ``(B, T)`` holds one key per sample per table (table t's keys are ``input[:, t]``, the DLRM
     layout); ``(B, T, L)`` holds bags of L keys (table t's keys ``input[:, t, :]``). The output row
     ``[b, t]`` is the pooled embedding of sample b's bag in table t: what ``collection[t]`` (an
-    :class:`EmbeddingBag` with the same mode) returns for ``input[:, t]``, with the same gradients.
+    :class:`EmbeddingBag` with the same mode) returns for the bags ``input[:, t:t+1]`` (or
+    ``input[:, t, :]``), with the same gradients.
 
     Args:
         tables: the mlkv Tables, one per feature, all of the same ``dim`` (a table may appear twice: two
@@ -106,6 +115,35 @@ class EmbeddingBagCollection(nn.ModuleList):
     def embedding_dim(self) -> int:
         return self[0].table.dim
 
+    def requires_grad_(self, requires_grad: bool = True) -> EmbeddingBagCollection:
+        """Train (True) or freeze (False) every table of the collection: ``requires_grad_`` of each member
+        (a member alone: ``collection[t].requires_grad_(...)``).
+
+        Returns:
+            self
+        """
+        for m in self:
+            m.requires_grad_(requires_grad)
+        return self
+
+    def _before_reads(self) -> None:
+        """Once per forward, before any table is read: the dead reads of every member's optimizer are
+        released (not between two members' reads, which are recorded only after the last one), and a
+        training forward without an optimizer warns once for the collection, not once per table."""
+        owners = {id(m.optimizer): m.optimizer for m in self if m.optimizer is not None}
+        for opt in owners.values():
+            opt._sweep()
+        unowned = [m for m in self if m.trains and m.optimizer is None and not m._warned_unowned]
+        if unowned:
+            names = ", ".join(repr(m.table.name) for m in unowned)
+            warnings.warn(
+                f"EmbeddingBagCollection runs in training mode but tables {names} belong to no "
+                "SparseOptimizer: their rows are read untracked and their gradients are never applied",
+                stacklevel=4,  # the caller of collection(...), through forward and nn.Module.__call__
+            )
+            for m in unowned:
+                m._warned_unowned = True
+
     def _keys(self, keys_in: Tensor) -> Tensor:
         """input as int64 (B, T, L), checked before any row is read."""
         if not isinstance(keys_in, Tensor):
@@ -129,11 +167,12 @@ class EmbeddingBagCollection(nn.ModuleList):
         cols = keys.cpu().permute(1, 0, 2).reshape(n_tables, n * per_bag).numpy()
         idx = np.empty((n, n_tables, per_bag), dtype=np.int64)
         reads: list[tuple[EmbeddingBag, np.ndarray, Tensor, object]] = []
+        self._before_reads()
         try:
             offset = 0
             for t, module in enumerate(self):
                 uk, inv = dedup_keys(cols[t])
-                _, w, owner = module._read(uk, None)
+                _, w, owner = module._read(uk, None, sweep=False)
                 reads.append((module, uk, w, owner))
                 np.add(inv.reshape(n, per_bag), offset, out=idx[:, t, :])
                 offset += len(uk)
@@ -142,7 +181,7 @@ class EmbeddingBagCollection(nn.ModuleList):
             if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
                 out = _PooledLookup.apply(flat, self.mode, *ws)
             else:
-                out = F.embedding_bag(flat, torch.cat(ws), mode=self.mode)
+                out = _pool(flat, torch.cat(ws), self.mode)
         except BaseException:
             for module, uk, _, owner in reads:
                 if owner is not None and len(uk):
@@ -151,7 +190,7 @@ class EmbeddingBagCollection(nn.ModuleList):
         for module, uk, w, owner in reads:
             if owner is not None and len(uk):
                 owner._record(module, uk, w)
-        return out.view(n, n_tables, -1)
+        return out.view(n, n_tables, self.embedding_dim)
 
 
 __all__ = ["EmbeddingBagCollection"]

@@ -323,8 +323,13 @@ class _TableModule(nn.Module):
         idx[~is_pad] = inv
         return keys, idx.reshape(keys_in.shape), len(keys)
 
-    def _read(self, keys: np.ndarray, pad: int | None) -> tuple[Tensor, Tensor, SparseOptimizer | None]:
-        """(weight to index: W plus a zero padding row if any, the leaf W itself, the recording optimizer)."""
+    def _read(
+        self, keys: np.ndarray, pad: int | None, sweep: bool = True
+    ) -> tuple[Tensor, Tensor, SparseOptimizer | None]:
+        """(weight to index: W plus a zero padding row if any, the leaf W itself, the recording optimizer).
+        `sweep`: first release the reads of dead graphs (a caller that reads several tables before it
+        records any sweeps once, before the first read: a sweep between them could release keys just
+        read, as they are not recorded yet)."""
         owner = self.optimizer
         train = self.trains
         if train and owner is None and not self._warned_unowned:
@@ -336,7 +341,7 @@ class _TableModule(nn.Module):
             self._warned_unowned = True
         if not (train and owner is not None):
             owner = None
-        if owner is not None:
+        if owner is not None and sweep:
             owner._sweep()
         if len(keys):
             rows = self.table.get(keys, track=owner is not None, reader=owner.reader if owner else None)

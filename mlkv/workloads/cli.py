@@ -262,8 +262,10 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    if args.distributed and (args.baseline or args.rocksdb_baseline):
-        raise InvalidArgumentError("--baseline trains in one process: run it without --distributed")
+    for flag in ("baseline", "rocksdb_baseline"):
+        if args.distributed and getattr(args, flag):
+            name = "--" + flag.replace("_", "-")
+            raise InvalidArgumentError(f"{name} trains in one process: run it without --distributed")
     if args.rocksdb_baseline and args.workload != "dlrm":
         raise InvalidArgumentError(
             f"--rocksdb-baseline is offered for the dlrm workload (pooled lookups), got {args.workload!r}"

@@ -2,9 +2,10 @@
 every step by plain code, as an ML engineer wires a table to RocksDB without mlkv.
 
 Each table's rows (embedding + optimizer state, float32) live in one RocksDB database (rocksdict, raw mode,
-no compression) under an 8-byte key prefixed by the table's number. Every forward reads the distinct keys
-of the batch with one ``multi_get`` per table, synchronously; `step()` applies the table's row optimizer
-(the same `mlkv.optim` rule and numbers as the mlkv run) and writes the rows back with one ``WriteBatch``.
+no compression) under a 10-byte key: the table's number (2 bytes) and the key (8). Every forward reads
+the distinct keys of the batch with one ``multi_get`` per table, synchronously; `step()` applies the
+table's row optimizer (the same `mlkv.optim` rule and numbers as the mlkv run) and writes the rows back
+with one ``WriteBatch``.
 No memory tier, no look-ahead, no staleness books, no checkpoints: the "rocksdb-naive" configuration of
 `mlkv bench train`, for a whole workload. Rows start as mlkv's (same initialiser, through a throw-away
 memory store, as the in-memory baseline), loaded for every key the data holds before training starts.
@@ -25,7 +26,7 @@ from torch import nn
 
 import mlkv
 
-from ..errors import UnsupportedError
+from ..errors import InvalidArgumentError, UnsupportedError
 from .tables import TableSpec, initial_rows
 
 LOAD_CHUNK = 1 << 18
@@ -58,7 +59,6 @@ class RocksNaiveTables:
         shutil.rmtree(path, ignore_errors=True)
         os.makedirs(path)
         self.db = Rdict(path, opts)
-        self.read_seconds = 0.0
 
     def _load(self, name: str) -> None:
         """Write the initial rows of every key of table `name` (not timed: before the first step)."""
@@ -73,6 +73,12 @@ class RocksNaiveTables:
         """Rows (embedding + state) of distinct keys, one multi_get."""
         width = self.specs[name].dim + self._optimizers[name].state_width(self.specs[name].dim)
         values = self.db[_key_bytes(self._numbers[name], keys)]
+        missing = next((i for i, v in enumerate(values) if v is None), None)
+        if missing is not None:
+            bad = keys[missing]
+            raise InvalidArgumentError(
+                f"key {int(bad)} of table {name!r} is not in the rocksdb-naive baseline's vocabulary"
+            )
         return np.frombuffer(b"".join(values), dtype=np.float32).reshape(len(keys), width).copy()
 
     def write(self, name: str, keys: np.ndarray, rows: np.ndarray) -> None:
@@ -134,7 +140,9 @@ class _NaiveBagCollection(nn.Module):
 
 
 class _NaiveStep:
-    """step(): each read that got a gradient is updated by its table's row optimizer and written back."""
+    """step(): each read that got a gradient is updated by its table's row optimizer and written back.
+    Reads are applied one by one, each to the rows it read: enough for one forward per step (DLRM); two
+    reads of a table in one step (gradient accumulation) would lose the first update, as naive code does."""
 
     def __init__(self, modules: list[_NaiveBagCollection]):
         self.modules = modules

@@ -12,6 +12,7 @@ checkpoint was taken: at staleness 0 the resumed run ends with the same rows as 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -301,7 +302,8 @@ def train(workload: Workload, cfg: TrainConfig, backend: str = "mlkv") -> dict[s
         return report
     finally:
         if naive is not None:
-            naive.close()
+            with contextlib.suppress(Exception):  # the directory below goes all the same
+                naive.close()
         if store is not None:  # what should last is checkpointed with its dense state (_Run._checkpoint)
             store.close(checkpoint=False)
         if cfg.path is None:

@@ -241,3 +241,44 @@ def test_interpreter_exit_mid_iteration_is_prompt(tmp_path, loader):
     assert "exiting" in proc.stdout
     assert "Traceback" not in proc.stderr, proc.stderr
     assert elapsed < 30, f"interpreter exit took {elapsed:.1f} s"
+
+
+class _Unpaced:
+    """A table as a Prefetcher sees it, without `lookahead_load`: look-ahead is not paced to its tier."""
+
+    def __init__(self, table):
+        self._t = table
+
+    def lookahead(self, keys) -> None:
+        self._t.lookahead(keys)
+
+
+@pytest.mark.parametrize("paced", [True, False])
+def test_lookahead_is_paced_to_what_the_tier_holds(tmp_path, paced):
+    """A tier of ~300 rows and batches of 100 new rows each, 8 batches deep: unpaced, announcements evict
+    each other and reads miss; paced, every batch's rows are in the tier when it is read."""
+    with mlkv.open(tmp_path / "s", cache_bytes=300 * 8 * 4) as store:
+        t = store.table("t", dim=8, optimizer=mlkv.optim.SGD(lr=0.1))
+        t.put(np.arange(2000), np.ones((2000, 8), dtype=np.float32))
+        store.checkpoint()
+        store.reset_stats()
+        data = [np.arange(100 * i, 100 * (i + 1)) for i in range(16)]
+        tables = {"t": t if paced else _Unpaced(t)}
+        for batch in Prefetcher(data, lambda b: {"t": b}, tables, depth=8):
+            time.sleep(0.03)  # the training step: look-ahead has time to read the next batches in
+            t.get(batch, track=False)
+        stats = store.stats()
+    if paced:
+        assert stats["hit_rate"] == 1.0 and stats["lookahead_dropped"] == 0
+    else:
+        assert stats["hit_rate"] < 1.0 or stats["lookahead_dropped"] > 0
+
+
+def test_paced_lookahead_still_runs_when_a_batch_is_larger_than_the_tier(tmp_path):
+    with mlkv.open(tmp_path / "s", cache_bytes=50 * 8 * 4) as store:
+        t = store.table("t", dim=8, optimizer=mlkv.optim.SGD(lr=0.1))
+        data = [np.arange(100 * i, 100 * (i + 1)) for i in range(6)]
+        seen = []
+        for batch in Prefetcher(data, lambda b: {"t": b}, store, depth=4):
+            seen.append(t.get(batch, track=False).shape)
+        assert seen == [(100, 8)] * 6

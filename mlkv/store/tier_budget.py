@@ -46,7 +46,7 @@ class TierBudget:
     def _free_rows(self, tier: MemoryTier) -> int:
         return max(self.cache_bytes - self.used_bytes, 0) // tier.row_bytes
 
-    def _fair_rows(self, tier: MemoryTier) -> int:
+    def fair_rows(self, tier: MemoryTier) -> int:
         """The tier's fair share of the budget, in whole rows; at least one, so that a table whose share
         is smaller than a row still gets a row while the budget can hold one."""
         return max(self.cache_bytes // max(len(self.owners), 1) // tier.row_bytes, 1)
@@ -55,7 +55,7 @@ class TierBudget:
         """True when `grow` could not give `owner` a row: the budget is full and the tier holds at least its
         fair share. The common case of a busy tier, checked first because grow is not cheap."""
         tier = owner.tier
-        return self._free_rows(tier) == 0 and tier.capacity >= self._fair_rows(tier)
+        return self._free_rows(tier) == 0 and tier.capacity >= self.fair_rows(tier)
 
     def grow(self, owner: TierOwner, rows: int) -> None:
         """Give `owner`'s tier room for `rows` more rows, as far as the budget allows."""
@@ -71,14 +71,14 @@ class TierBudget:
         """Shrink tiers above their fair share so that `owner` (below its own) can grow by up to
         `need_rows` rows, never past its fair share."""
         tier = owner.tier
-        need_rows = min(need_rows, self._fair_rows(tier) - tier.capacity)
+        need_rows = min(need_rows, self.fair_rows(tier) - tier.capacity)
         if need_rows <= 0:
             return
         need_bytes = need_rows * tier.row_bytes
         for donor in sorted((o for o in self.owners if o is not owner), key=lambda o: -o.tier.nbytes):
             if need_bytes <= 0:
                 break
-            spare_rows = donor.tier.capacity - self._fair_rows(donor.tier)
+            spare_rows = donor.tier.capacity - self.fair_rows(donor.tier)
             if spare_rows > 0:
                 give = min(spare_rows, -(-need_bytes // donor.tier.row_bytes))
                 donor.resize_tier(donor.tier.capacity - give)

@@ -34,6 +34,7 @@ from .thread_tuner import ThreadTuner
 EXIT_JOIN_SECONDS = 1.0
 #: how often a blocked worker or consumer looks at the stop event
 _POLL_SECONDS = 0.05
+_PACE_SECONDS = 0.0005  # how often a paced look-ahead looks at the tier again (no lock taken)
 
 _END = object()
 _workers: weakref.WeakSet[_Worker] = weakref.WeakSet()
@@ -83,6 +84,22 @@ class _Worker:
             self._resolved[name] = t
         return t
 
+    def _wait_for_room(self, table, n: int) -> None:
+        """Pace look-ahead to the memory tier: while batches announced earlier wait in the queue, announce
+        `n` more rows only if the tier can hold them, the rows announced before them and the rows of the
+        batch being trained (taken as another n). A tier smaller than `depth` batches so gets as many as it
+        holds, instead of announced rows evicting each other and the training batch's rows finding no room
+        (the README main job with a 10 % tier: 42.4 K samples/s at depth 8 unpaced, 55.4 K at depth 2).
+        Once the queue is empty the batch is next: it is announced at once."""
+        load = getattr(table, "lookahead_load", None)
+        if load is None:
+            return
+        while not self.stop_event.is_set() and self.queue.qsize() > 0:
+            announced, size = load()
+            if announced + 2 * n <= size:
+                return
+            self.stop_event.wait(_PACE_SECONDS)
+
     def _put(self, item) -> bool:
         while not self.stop_event.is_set():
             try:
@@ -110,7 +127,9 @@ class _Worker:
                 for name, k in wanted.items():
                     if self.stop_event.is_set():
                         return
-                    self._table(name).lookahead(_announced(k))
+                    table, distinct = self._table(name), _announced(k)
+                    self._wait_for_room(table, len(distinct))
+                    table.lookahead(distinct)
                 if not self._put((batch,)):
                     return
         except BaseException as e:  # handed to the consumer, which re-raises it

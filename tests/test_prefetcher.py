@@ -244,7 +244,7 @@ def test_interpreter_exit_mid_iteration_is_prompt(tmp_path, loader):
 
 
 class _Unpaced:
-    """A table as a Prefetcher sees it, without `lookahead_load`: look-ahead is not paced to its tier."""
+    """A table as a Prefetcher sees it, without `lookahead_capacity`: look-ahead is not paced to its tier."""
 
     def __init__(self, table):
         self._t = table

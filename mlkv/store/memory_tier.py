@@ -288,10 +288,6 @@ class MemoryTier:
         out[ok] = self.pins[slots[ok]] > 0
         return out
 
-    def n_announced(self) -> int:
-        """Resident rows holding at least one announcement not consumed yet."""
-        return int(np.count_nonzero(self.announced > 0))
-
     def announce(self, slots: np.ndarray, counts: np.ndarray | int = 1) -> None:
         """Look-ahead announced `counts` coming reads of resident `slots` (distinct): each stays resident
         (unless a demand read finds nothing else to evict) until those reads `consume` it."""

@@ -765,16 +765,12 @@ class Table:
             for chunk in np.array_split(todo, -(-len(todo) // _LOOKAHEAD_CHUNK)):
                 pool.submit(self._lookahead_job, chunk)
 
-    def lookahead_load(self) -> tuple[int, int]:
-        """(rows announced by look-ahead and not read yet, including those still being read in; rows this
-        table's memory tier may hold: its size, or its fair share of the budget if that is larger).
-
-        A snapshot taken without the store lock (a pacing hint, see Prefetcher): the two numbers may be a
-        moment old. Look-ahead that announces more rows than the tier can hold beside the batch being
-        trained evicts rows it announced itself, and the reads of that batch find no room.
-        """
-        tier = self.tier
-        return tier.n_announced() + len(self._inflight), max(tier.capacity, self._ctx.budget.fair_rows(tier))
+    def lookahead_capacity(self) -> int:
+        """Rows this table's memory tier may hold: its size, or its fair share of the store's budget if that
+        is larger (the tier grows to it on demand). What look-ahead can keep announced beside the batch being
+        trained (see Prefetcher): announcing more evicts rows announced earlier, and the reads of the batch
+        being trained find no room. Read without the store lock: a pacing hint, possibly a moment old."""
+        return max(self.tier.capacity, self._ctx.budget.fair_rows(self.tier))
 
     def _lookahead_job(self, keys: np.ndarray) -> None:
         """On an I/O thread: read announced rows (store lock released) and admit those that fit."""

@@ -15,6 +15,7 @@ hold the interpreter).
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import itertools
 import queue
@@ -72,6 +73,9 @@ class _Worker:
         self.stop_event = threading.Event()
         self._loader, self._keys, self._tables = loader, keys, tables
         self._resolved: dict[str, Any] = {}
+        # pacing (see _wait_for_room): batches produced and taken so far, rows announced per queued batch
+        self.produced = self.taken = 0
+        self._ahead: dict[str, collections.deque] = {}
         self.thread = threading.Thread(target=self._run, name=f"mlkv-prefetch-{next(_ids)}", daemon=True)
         _workers.add(self)
         self.thread.start()
@@ -84,21 +88,27 @@ class _Worker:
             self._resolved[name] = t
         return t
 
-    def _wait_for_room(self, table, n: int) -> None:
+    def _wait_for_room(self, name: str, table, n: int) -> None:
         """Pace look-ahead to the memory tier: while batches announced earlier wait in the queue, announce
-        `n` more rows only if the tier can hold them, the rows announced before them and the rows of the
-        batch being trained (taken as another n). A tier smaller than `depth` batches so gets as many as it
-        holds, instead of announced rows evicting each other and the training batch's rows finding no room
-        (the README main job with a 10 % tier: 42.4 K samples/s at depth 8 unpaced, 55.4 K at depth 2).
-        Once the queue is empty the batch is next: it is announced at once."""
-        load = getattr(table, "lookahead_load", None)
-        if load is None:
-            return
-        while not self.stop_event.is_set() and self.queue.qsize() > 0:
-            announced, size = load()
-            if announced + 2 * n <= size:
-                return
-            self.stop_event.wait(_PACE_SECONDS)
+        `n` more rows of table `name` only if its tier can hold them beside the rows announced for the
+        batches still queued and for the batch being trained (counted here, per batch, as announced). A
+        tier smaller than `depth` batches so gets as many as it holds, instead of announced rows evicting
+        each other and the training batch's rows finding no room (the README main job with a 10 % tier:
+        42.4 K samples/s at depth 8 unpaced, 55.4 K at depth 2). Once the queue is empty the batch is next:
+        it is announced at once."""
+        ahead = self._ahead.setdefault(name, collections.deque())
+        capacity = getattr(table, "lookahead_capacity", None)
+        if capacity is not None:
+            cap = capacity()
+            while not self.stop_event.is_set() and self.queue.qsize() > 0:
+                while ahead and ahead[0][0] < self.taken - 1:  # trained: its announcements are used up
+                    ahead.popleft()
+                if sum(rows for _, rows in ahead) + n <= cap:
+                    break
+                self.stop_event.wait(_PACE_SECONDS)
+        ahead.append((self.produced, n))
+        while len(ahead) > self.queue.maxsize + 2:  # bounded without pacing too
+            ahead.popleft()
 
     def _put(self, item) -> bool:
         while not self.stop_event.is_set():
@@ -128,8 +138,9 @@ class _Worker:
                     if self.stop_event.is_set():
                         return
                     table, distinct = self._table(name), _announced(k)
-                    self._wait_for_room(table, len(distinct))
+                    self._wait_for_room(name, table, len(distinct))
                     table.lookahead(distinct)
+                self.produced += 1
                 if not self._put((batch,)):
                     return
         except BaseException as e:  # handed to the consumer, which re-raises it
@@ -180,6 +191,7 @@ class _PrefetchIterator(Iterator):
         if item is _END:
             self.close()
             raise StopIteration
+        w.taken += 1
         if isinstance(item, _Failure):
             self.close()
             raise item.exc

@@ -75,6 +75,7 @@ class _Worker:
         self._resolved: dict[str, Any] = {}
         # pacing (see _wait_for_room): batches produced and taken so far, rows announced per queued batch
         self.produced = self.taken = 0
+        self._taken_ids = itertools.count(1)  # next() is atomic: trainer threads sharing a pass count right
         self._ahead: dict[str, collections.deque] = {}
         self.thread = threading.Thread(target=self._run, name=f"mlkv-prefetch-{next(_ids)}", daemon=True)
         _workers.add(self)
@@ -191,7 +192,7 @@ class _PrefetchIterator(Iterator):
         if item is _END:
             self.close()
             raise StopIteration
-        w.taken += 1
+        w.taken = next(w._taken_ids)
         if isinstance(item, _Failure):
             self.close()
             raise item.exc

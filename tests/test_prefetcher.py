@@ -282,3 +282,63 @@ def test_paced_lookahead_still_runs_when_a_batch_is_larger_than_the_tier(tmp_pat
         for batch in Prefetcher(data, lambda b: {"t": b}, store, depth=4):
             seen.append(t.get(batch, track=False).shape)
         assert seen == [(100, 8)] * 6
+
+
+def test_paced_lookahead_counts_every_batch_that_trainer_threads_still_train(tmp_path):
+    """Two trainer threads share one pass (next() under a lock, as mlkv train --trainers): both batches in
+    training keep their rows; pacing counting only the last one taken let look-ahead evict them."""
+    with mlkv.open(tmp_path / "s", cache_bytes=600 * 8 * 4) as store:
+        t = store.table("t", dim=8, optimizer=mlkv.optim.SGD(lr=0.1))
+        t.put(np.arange(9000), np.ones((9000, 8), dtype=np.float32))
+        store.checkpoint()
+        store.reset_stats()
+        it = iter(Prefetcher(list(range(60)), lambda i: {"t": np.arange(150 * i, 150 * (i + 1))}, store, 8))
+        lock = threading.Lock()
+
+        def trainer() -> None:
+            while True:
+                with lock:
+                    i = next(it, None)
+                if i is None:
+                    return
+                time.sleep(0.02)  # the forward, before the rows are read
+                t.get(np.arange(150 * i, 150 * (i + 1)), track=False)
+
+        threads = [threading.Thread(target=trainer) for _ in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(TIMEOUT)
+        stats = store.stats()
+    assert stats["hit_rate"] == 1.0 and stats["lookahead_dropped"] == 0
+
+
+@pytest.mark.parametrize("dtype", [np.uint64, np.int16, np.uint32])
+def test_announced_keys_of_any_integer_type_are_distinct(dtype):
+    from mlkv.torch.prefetcher import _announced
+
+    keys = np.array([5, 3, 5, 5, 9, 3], dtype=dtype)
+    got = _announced(keys)
+    assert sorted(np.asarray(got).tolist()) == [3, 5, 9]
+    assert sorted(np.asarray(_announced(torch.from_numpy(keys.astype(np.int16)))).tolist()) == [3, 5, 9]
+
+
+def test_a_paced_worker_stopped_while_it_waits_announces_nothing_more():
+    calls = []
+
+    class Small:
+        def lookahead_capacity(self) -> int:
+            return 100
+
+        def lookahead(self, keys) -> None:
+            calls.append(int(np.asarray(keys)[0]))
+
+    pf = Prefetcher(list(range(50)), lambda i: {"t": np.arange(100 * i, 100 * i + 100)}, {"t": Small()}, 8)
+    it = iter(pf)
+    worker = pf._worker
+    next(it)
+    assert wait_until(lambda: len(calls) == 2)  # batch 1 queued; batch 2 waits for room (300 > 100 rows)
+    time.sleep(0.05)
+    it.close()  # what break does: stop without a join
+    worker.thread.join(TIMEOUT)
+    assert calls == [0, 100]

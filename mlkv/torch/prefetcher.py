@@ -50,17 +50,23 @@ class _Failure:
 
 
 def _announced(keys: Any) -> Any:
-    """What `lookahead` gets for one table's keys of a batch: integer keys (a tensor or array of int64 or
-    int32) are deduplicated once, through the memo the module's forward reads (dedup_memo); other keys go
-    as they are, flattened (lookahead validates and deduplicates them)."""
+    """What `lookahead` gets for one table's keys of a batch, distinct (the pacing counts them): int64 or
+    int32 keys are deduplicated once, through the memo the module's forward reads (dedup_memo); other
+    integer keys (uint64 hashed ids, int16, ...) by np.unique; anything else goes as it is, flattened, for
+    `lookahead` to refuse with a clear error."""
     if isinstance(keys, torch.Tensor):
         flat = keys.detach().reshape(-1).cpu()
         if flat.dtype in (torch.int64, torch.int32):
             return MEMO.put(flat.to(torch.int64).numpy())[0]
-        return flat
-    flat = np.asarray(keys).reshape(-1)
+        if flat.dtype == torch.bool or flat.is_floating_point() or flat.is_complex():
+            return flat
+        flat = flat.numpy()
+    else:
+        flat = np.asarray(keys).reshape(-1)
     if flat.dtype in (np.int64, np.int32):
         return MEMO.put(flat.astype(np.int64, copy=False))[0]
+    if flat.dtype.kind in "iu":
+        return np.unique(flat)
     return flat
 
 
@@ -76,6 +82,7 @@ class _Worker:
         # pacing (see _wait_for_room): batches produced and taken so far, rows announced per queued batch
         self.produced = self.taken = 0
         self._taken_ids = itertools.count(1)  # next() is atomic: trainer threads sharing a pass count right
+        self.holding: dict[int, int] = {}  # consumer thread -> index of the batch it trains
         self._ahead: dict[str, collections.deque] = {}
         self.thread = threading.Thread(target=self._run, name=f"mlkv-prefetch-{next(_ids)}", daemon=True)
         _workers.add(self)
@@ -100,15 +107,16 @@ class _Worker:
         ahead = self._ahead.setdefault(name, collections.deque())
         capacity = getattr(table, "lookahead_capacity", None)
         if capacity is not None:
-            cap = capacity()
             while not self.stop_event.is_set() and self.queue.qsize() > 0:
-                while ahead and ahead[0][0] < self.taken - 1:  # trained: its announcements are used up
+                # the oldest batch a consumer thread still trains (several trainers may share a pass)
+                oldest = min(list(self.holding.values()), default=self.taken - 1)
+                while ahead and ahead[0][0] < oldest:  # trained: its announcements are used up
                     ahead.popleft()
-                if sum(rows for _, rows in ahead) + n <= cap:
+                if sum(rows for _, rows in ahead) + n <= capacity():  # read again: tiers resize
                     break
                 self.stop_event.wait(_PACE_SECONDS)
         ahead.append((self.produced, n))
-        while len(ahead) > self.queue.maxsize + 2:  # bounded without pacing too
+        while len(ahead) > self.queue.maxsize + 1 + max(len(self.holding), 1):  # bounded unpaced too
             ahead.popleft()
 
     def _put(self, item) -> bool:
@@ -140,6 +148,8 @@ class _Worker:
                         return
                     table, distinct = self._table(name), _announced(k)
                     self._wait_for_room(name, table, len(distinct))
+                    if self.stop_event.is_set():  # stopped while waiting: announce nothing more
+                        return
                     table.lookahead(distinct)
                 self.produced += 1
                 if not self._put((batch,)):
@@ -193,6 +203,7 @@ class _PrefetchIterator(Iterator):
             self.close()
             raise StopIteration
         w.taken = next(w._taken_ids)
+        w.holding[threading.get_ident()] = w.taken - 1
         if isinstance(item, _Failure):
             self.close()
             raise item.exc

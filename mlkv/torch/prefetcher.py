@@ -35,7 +35,6 @@ from .thread_tuner import ThreadTuner
 EXIT_JOIN_SECONDS = 1.0
 #: how often a blocked worker or consumer looks at the stop event
 _POLL_SECONDS = 0.05
-_PACE_SECONDS = 0.0005  # how often a paced look-ahead looks at the tier again (no lock taken)
 
 _END = object()
 _workers: weakref.WeakSet[_Worker] = weakref.WeakSet()
@@ -83,6 +82,7 @@ class _Worker:
         self.produced = self.taken = 0
         self._taken_ids = itertools.count(1)  # next() is atomic: trainer threads sharing a pass count right
         self.holding: dict[int, int] = {}  # consumer thread -> index of the batch it trains
+        self.progress = threading.Condition()  # notified when a batch is taken and on stop
         self._ahead: dict[str, collections.deque] = {}
         self.thread = threading.Thread(target=self._run, name=f"mlkv-prefetch-{next(_ids)}", daemon=True)
         _workers.add(self)
@@ -107,14 +107,15 @@ class _Worker:
         ahead = self._ahead.setdefault(name, collections.deque())
         capacity = getattr(table, "lookahead_capacity", None)
         if capacity is not None:
-            while not self.stop_event.is_set() and self.queue.qsize() > 0:
-                # the oldest batch a consumer thread still trains (several trainers may share a pass)
-                oldest = min(list(self.holding.values()), default=self.taken - 1)
-                while ahead and ahead[0][0] < oldest:  # trained: its announcements are used up
-                    ahead.popleft()
-                if sum(rows for _, rows in ahead) + n <= capacity():  # read again: tiers resize
-                    break
-                self.stop_event.wait(_PACE_SECONDS)
+            with self.progress:  # checked under it: a batch taken after the check wakes the wait
+                while not self.stop_event.is_set() and self.queue.qsize() > 0:
+                    # the oldest batch a consumer thread still trains (several trainers may share a pass)
+                    oldest = min(list(self.holding.values()), default=self.taken - 1)
+                    while ahead and ahead[0][0] < oldest:  # trained: its announcements are used up
+                        ahead.popleft()
+                    if sum(rows for _, rows in ahead) + n <= capacity():  # read again: tiers resize
+                        break
+                    self.progress.wait(_POLL_SECONDS)
         ahead.append((self.produced, n))
         while len(ahead) > self.queue.maxsize + 1 + max(len(self.holding), 1):  # bounded unpaced too
             ahead.popleft()
@@ -165,6 +166,8 @@ class _Worker:
     def stop(self, timeout: float | None) -> None:
         """Ask the thread to finish, unblock it, and wait up to `timeout` seconds for it (None: no wait)."""
         self.stop_event.set()
+        with self.progress:
+            self.progress.notify_all()
         while True:  # a worker blocked in put() sees the stop event within one poll; emptying helps too
             try:
                 self.queue.get_nowait()
@@ -202,8 +205,10 @@ class _PrefetchIterator(Iterator):
         if item is _END:
             self.close()
             raise StopIteration
-        w.taken = next(w._taken_ids)
-        w.holding[threading.get_ident()] = w.taken - 1
+        with w.progress:
+            w.taken = next(w._taken_ids)
+            w.holding[threading.get_ident()] = w.taken - 1
+            w.progress.notify_all()
         if isinstance(item, _Failure):
             self.close()
             raise item.exc

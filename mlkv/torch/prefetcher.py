@@ -4,6 +4,9 @@ The loader knows the future: while the training loop works on batch i, a worker 
 batches i+1 .. i+depth and called `table.lookahead(keys)` for each, so their rows are moving into the memory
 tier before the model asks for them. Batches come out in the loader's order. Integer keys are deduplicated
 once on the worker thread; the module's forward finds that result in `dedup_memo` instead of repeating it.
+Look-ahead is paced to the tiers: while batches are queued, a batch is announced only when its distinct
+keys fit in the table's tier beside those of the queued batches and the batches being trained, so a tier
+smaller than `depth` batches holds as many as fit instead of evicting what it announced.
 
 Shutdown is always prompt and never leaves a thread behind: the end of the loader, an exception in the
 loader or in `keys` (re-raised in the consuming thread, after the batches before it), `break` out of the

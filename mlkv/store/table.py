@@ -769,7 +769,11 @@ class Table:
         """Rows this table's memory tier may hold: its size, or its fair share of the store's budget if that
         is larger (the tier grows to it on demand). What look-ahead can keep announced beside the batch being
         trained (see Prefetcher): announcing more evicts rows announced earlier, and the reads of the batch
-        being trained find no room. Read without the store lock: a pacing hint, possibly a moment old."""
+        being trained find no room. Read without the store lock: a pacing hint, possibly a moment old.
+
+        Returns:
+            int: rows, >= 1.
+        """
         return max(self.tier.capacity, self._ctx.budget.fair_rows(self.tier))
 
     def _lookahead_job(self, keys: np.ndarray) -> None:

@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..engine.key_index import hash64
+from ..engine.naive_rows import key_bytes, rocks_options, write_rows
 from ..engine.process_memory import process_memory
 from ..errors import InvalidArgumentError, MlkvError
 from ..store.sizes import parse_bytes
@@ -157,12 +158,6 @@ def store_keys(ids: np.ndarray) -> np.ndarray:
     return hash64(ids.astype(np.uint64)).view(np.int64)
 
 
-def key_bytes(keys: np.ndarray) -> list[bytes]:
-    """RocksDB keys of int64 store keys: 8 bytes big-endian each."""
-    raw = keys.astype(">i8").tobytes()
-    return [raw[i : i + 8] for i in range(0, len(raw), 8)]
-
-
 def initial_rows(cfg: TrainConfig, lo: int, hi: int) -> np.ndarray:
     """Rows lo..hi of the initial table: N(0, 0.01) embeddings (by row number), zero optimizer state."""
     rng = np.random.default_rng([cfg.seed, lo])
@@ -212,15 +207,11 @@ def prepare(cfg: TrainConfig, root: str, step) -> None:
         del w, s
     if "rocksdb-naive" in configs:
         step("rocksdb-naive load")
-        from rocksdict import Rdict, WriteBatch
+        from rocksdict import Rdict
 
-        db = Rdict(os.path.join(root, "rocks"), _rocks_options())
+        db = Rdict(os.path.join(root, "rocks"), rocks_options())
         for lo, hi in chunks:
-            rows = initial_rows(cfg, lo, hi)
-            wb = WriteBatch(raw_mode=True)
-            for k, v in zip(key_bytes(store_keys(np.arange(lo, hi))), rows, strict=True):
-                wb.put(k, v.tobytes())
-            db.write(wb)
+            write_rows(db, key_bytes(store_keys(np.arange(lo, hi))), initial_rows(cfg, lo, hi))
         db.flush()
         db.compact_range(None, None)
         db.close()
@@ -235,15 +226,6 @@ def prepare(cfg: TrainConfig, root: str, step) -> None:
                 t.put(store_keys(np.arange(lo, hi)), rows[:, : cfg.dim])
             store.checkpoint({"bench": "train"})
     del width
-
-
-def _rocks_options():
-    from rocksdict import DBCompressionType, Options
-
-    opts = Options(raw_mode=True)
-    opts.create_if_missing(True)
-    opts.set_compression_type(DBCompressionType.none())
-    return opts
 
 
 # ---- one run (child process) ------------------------------------------------------------------------
@@ -369,11 +351,11 @@ def run_child(spec: dict) -> dict:
     elif run.config in ("rocksdb-naive", "slab-naive"):
         width = cfg.dim * (2 if cfg.optimizer == "adagrad" else 1)
         if run.config == "rocksdb-naive":
-            from rocksdict import Rdict, WriteBatch
+            from rocksdict import Rdict
 
             path = os.path.join(root, "rocks")
             (warm_files if warm else evict_files)(path)
-            db = Rdict(path, _rocks_options())
+            db = Rdict(path, rocks_options())
             cleanup.append(db.close)
 
             def read(uk):
@@ -381,10 +363,7 @@ def run_child(spec: dict) -> dict:
                 return np.frombuffer(b"".join(vals), dtype=np.float32).reshape(len(uk), width).copy()
 
             def write(uk, rows):
-                wb = WriteBatch(raw_mode=True)
-                for k, v in zip(key_bytes(uk), rows, strict=True):
-                    wb.put(k, v.tobytes())
-                db.write(wb)
+                write_rows(db, key_bytes(uk), rows)
         else:
             from ..engine import open_engine
 

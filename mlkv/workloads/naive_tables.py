@@ -1,11 +1,11 @@
 """The hand-glued KV-store baseline for the workloads: embedding rows in RocksDB, read and written around
 every step by plain code, as an ML engineer wires a table to RocksDB without mlkv.
 
-Each table's rows (embedding + optimizer state, float32) live in one RocksDB database (rocksdict, raw mode,
-no compression) under a 10-byte key: the table's number (2 bytes) and the key (8). Every forward reads
-the distinct keys of the batch with one ``multi_get`` per table, synchronously; `step()` applies the
-table's row optimizer (the same `mlkv.optim` rule and numbers as the mlkv run) and writes the rows back
-with one ``WriteBatch``.
+Each table's rows (embedding + optimizer state, float32) live in one RocksDB database (the row store of
+engine/naive_rows.py, shared with `mlkv bench train`) under a 10-byte key: the table's number (2 bytes)
+and the key (8). Every forward reads the distinct keys of the batch with one ``multi_get`` per table,
+synchronously; `step()` applies the table's row optimizer (the same `mlkv.optim` rule and numbers as the
+mlkv run) and writes the rows back with one ``WriteBatch``.
 No memory tier, no look-ahead, no staleness books, no checkpoints: the "rocksdb-naive" configuration of
 `mlkv bench train`, for a whole workload. Rows start as mlkv's (same initialiser, through a throw-away
 memory store, as the in-memory baseline), loaded for every key the data holds before training starts.
@@ -26,18 +26,11 @@ from torch import nn
 
 import mlkv
 
+from ..engine.naive_rows import key_bytes, rocks_options, write_rows
 from ..errors import InvalidArgumentError, UnsupportedError
 from .tables import TableSpec, initial_rows
 
 LOAD_CHUNK = 1 << 18
-
-
-def _key_bytes(table: int, keys: np.ndarray) -> list[bytes]:
-    """RocksDB keys: table number (2 bytes) + the int64 key (8 bytes, big-endian: sorted within a table)."""
-    packed = np.empty((len(keys), 10), dtype=np.uint8)
-    packed[:, :2] = np.frombuffer(np.uint16(table).astype(">u2").tobytes(), dtype=np.uint8)
-    packed[:, 2:] = keys.astype(">i8").view(np.uint8).reshape(-1, 8)
-    return [bytes(row) for row in packed]
 
 
 class RocksNaiveTables:
@@ -46,33 +39,30 @@ class RocksNaiveTables:
     backend = "rocksdb-naive"
 
     def __init__(self, specs: dict[str, TableSpec], seed: int, path: str):
-        from rocksdict import DBCompressionType, Options, Rdict, WriteBatch
+        from rocksdict import Rdict
 
         self.specs, self.seed, self.path = specs, seed, path
-        self._write_batch = WriteBatch
-        self._numbers = {name: i for i, name in enumerate(specs)}
+        self._prefixes = {name: i.to_bytes(2, "big") for i, name in enumerate(specs)}
         self._optimizers = {name: mlkv.optim.Adagrad(lr=spec.lr) for name, spec in specs.items()}
         self._steps = dict.fromkeys(specs, 0)
-        opts = Options(raw_mode=True)
-        opts.create_if_missing(True)
-        opts.set_compression_type(DBCompressionType.none())
         shutil.rmtree(path, ignore_errors=True)
         os.makedirs(path)
-        self.db = Rdict(path, opts)
+        self.db = Rdict(path, rocks_options())
 
     def _load(self, name: str) -> None:
         """Write the initial rows of every key of table `name` (not timed: before the first step)."""
         spec, opt = self.specs[name], self._optimizers[name]
         keys = spec.keys()
+        emb = initial_rows(name, spec, keys, self.seed).numpy()  # itself in chunks, through one store
         for lo in range(0, len(keys), LOAD_CHUNK):
-            part = keys[lo : lo + LOAD_CHUNK]
-            emb = initial_rows(name, spec, part, self.seed).numpy()
-            self.write(name, part, np.concatenate([emb, opt.init_state(len(part), spec.dim)], axis=1))
+            part = slice(lo, lo + LOAD_CHUNK)
+            n = len(keys[part])
+            self.write(name, keys[part], np.concatenate([emb[part], opt.init_state(n, spec.dim)], axis=1))
 
     def read(self, name: str, keys: np.ndarray) -> np.ndarray:
         """Rows (embedding + state) of distinct keys, one multi_get."""
         width = self.specs[name].dim + self._optimizers[name].state_width(self.specs[name].dim)
-        values = self.db[_key_bytes(self._numbers[name], keys)]
+        values = self.db[key_bytes(keys, self._prefixes[name])]
         missing = next((i for i, v in enumerate(values) if v is None), None)
         if missing is not None:
             bad = keys[missing]
@@ -82,10 +72,7 @@ class RocksNaiveTables:
         return np.frombuffer(b"".join(values), dtype=np.float32).reshape(len(keys), width).copy()
 
     def write(self, name: str, keys: np.ndarray, rows: np.ndarray) -> None:
-        wb = self._write_batch(raw_mode=True)
-        for k, v in zip(_key_bytes(self._numbers[name], keys), rows, strict=True):
-            wb.put(k, v.tobytes())
-        self.db.write(wb)
+        write_rows(self.db, key_bytes(keys, self._prefixes[name]), rows)
 
     def apply(self, name: str, keys: np.ndarray, rows: np.ndarray, grads: np.ndarray) -> None:
         self._steps[name] += 1

@@ -30,7 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..engine.key_index import unique_keys
 from ..errors import InternalError, InvalidArgumentError, InvalidTypeError
+from ..store.validate import as_keys
 from .dedup_memo import MEMO
 from .thread_tuner import ThreadTuner
 
@@ -51,25 +53,20 @@ class _Failure:
         self.exc = exc
 
 
-def _announced(keys: Any) -> Any:
-    """What `lookahead` gets for one table's keys of a batch, distinct (the pacing counts them): int64 or
-    int32 keys are deduplicated once, through the memo the module's forward reads (dedup_memo); other
-    integer keys (uint64 hashed ids, int16, ...) by np.unique; anything else goes as it is, flattened, for
-    `lookahead` to refuse with a clear error."""
+def _announced(keys: Any) -> np.ndarray:
+    """What `lookahead` gets for one table's keys of a batch (any shape, flattened), distinct (the pacing
+    counts them): int64 or int32 keys are deduplicated once, through the memo the module's forward reads
+    (dedup_memo); other keys as the store takes them (`as_keys`: uint64 hashed ids, int16, ...; anything
+    else raises its InvalidTypeError here, in the loop, at this batch)."""
     if isinstance(keys, torch.Tensor):
         flat = keys.detach().reshape(-1).cpu()
         if flat.dtype in (torch.int64, torch.int32):
-            return MEMO.put(flat.to(torch.int64).numpy())[0]
-        if flat.dtype == torch.bool or flat.is_floating_point() or flat.is_complex():
-            return flat
-        flat = flat.numpy()
+            flat = flat.numpy()
     else:
         flat = np.asarray(keys).reshape(-1)
-    if flat.dtype in (np.int64, np.int32):
+    if isinstance(flat, np.ndarray) and flat.dtype in (np.int64, np.int32):
         return MEMO.put(flat.astype(np.int64, copy=False))[0]
-    if flat.dtype.kind in "iu":
-        return np.unique(flat)
-    return flat
+    return unique_keys(as_keys(flat))
 
 
 class _Worker:

@@ -28,7 +28,7 @@ import torch.nn.functional as F  # noqa: N812 - torch's own spelling
 from torch import Tensor, nn
 
 from ..errors import InvalidArgumentError, InvalidTypeError
-from .modules import EmbeddingBag, bag_grad, dedup_keys
+from .modules import EmbeddingBag, bag_grad, check_key_tensor, dedup_keys
 
 _POOLING = ("sum", "mean")
 
@@ -146,12 +146,7 @@ class EmbeddingBagCollection(nn.ModuleList):
 
     def _keys(self, keys_in: Tensor) -> Tensor:
         """input as int64 (B, T, L), checked before any row is read."""
-        if not isinstance(keys_in, Tensor):
-            raise InvalidTypeError(f"input must be a tensor of int64 keys, got {type(keys_in).__name__}")
-        if keys_in.dtype not in (torch.int64, torch.int32):
-            raise InvalidTypeError(
-                f"input must be an int64 or int32 tensor of keys (torch.long, torch.int), got {keys_in.dtype}"
-            )
+        check_key_tensor(keys_in)
         bags = keys_in.unsqueeze(2) if keys_in.dim() == 2 else keys_in
         if bags.dim() != 3 or bags.shape[1] != len(self) or bags.shape[2] == 0:
             raise InvalidArgumentError(

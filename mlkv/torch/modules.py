@@ -77,10 +77,25 @@ def dedup_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return uk.view(np.int64), inv
 
 
-def _dedup(flat: Tensor) -> tuple[Tensor, Tensor]:
-    """dedup_keys of a 1-D int64 tensor, as tensors on its device."""
+def _dedup(flat: Tensor) -> tuple[np.ndarray, Tensor]:
+    """dedup_keys of a 1-D int64 tensor: the distinct keys as the array the table reads, the inverse as a
+    tensor on the input's device."""
     uk, inv = dedup_keys(flat.cpu().numpy())
-    return torch.from_numpy(uk).to(flat.device), torch.from_numpy(inv).to(flat.device)
+    return uk, torch.from_numpy(inv).to(flat.device)
+
+
+def check_key_tensor(keys_in: Tensor) -> None:
+    """The input of every module here: a tensor of int64 or int32 keys (checked before any row is read).
+
+    Raises:
+        InvalidTypeError: not a tensor, or another dtype (the message names the one received).
+    """
+    if not isinstance(keys_in, Tensor):
+        raise InvalidTypeError(f"input must be a tensor of int64 keys, got {type(keys_in).__name__}")
+    if keys_in.dtype not in _INT_DTYPES:
+        raise InvalidTypeError(
+            f"input must be an int64 or int32 tensor of keys (torch.long, torch.int), got {keys_in.dtype}"
+        )
 
 
 @kernel
@@ -305,14 +320,9 @@ class _TableModule(nn.Module):
         """Whether a forward now would be trained: training mode, grad enabled and not frozen."""
         return self.training and self.requires_grad and torch.is_grad_enabled()
 
-    def _remap(self, keys_in: Tensor) -> tuple[Tensor, Tensor, int | None]:
+    def _remap(self, keys_in: Tensor) -> tuple[np.ndarray, Tensor, int | None]:
         """(distinct non-padding keys, keys_in as indices into them, padding row index or None)."""
-        if not isinstance(keys_in, Tensor):
-            raise InvalidTypeError(f"input must be a tensor of int64 keys, got {type(keys_in).__name__}")
-        if keys_in.dtype not in _INT_DTYPES:
-            raise InvalidTypeError(
-                f"input must be an int64 or int32 tensor of keys (torch.long, torch.int), got {keys_in.dtype}"
-            )
+        check_key_tensor(keys_in)
         flat = keys_in.reshape(-1).to(torch.int64)
         if self.padding_idx is None:
             keys, idx = _dedup(flat)
@@ -369,7 +379,6 @@ class _TableModule(nn.Module):
     def _run(self, keys_in: Tensor, compute) -> Tensor:
         """Dedup, read once, compute(weight, indices, padding row) with torch, record for the optimizer."""
         keys, idx, pad = self._remap(keys_in)
-        keys = keys.cpu().numpy()
         weight, w, owner = self._read(keys, pad)
         try:
             before = w.detach().clone() if self.max_norm is not None and len(keys) else None
@@ -632,8 +641,7 @@ class EmbeddingBag(_TableModule):
 
     def _check(self, keys_in: Tensor, offsets: Tensor | None, per_sample_weights: Tensor | None) -> None:
         """nn.EmbeddingBag's argument rules, checked before any row is read."""
-        if not isinstance(keys_in, Tensor):
-            raise InvalidTypeError(f"input must be a tensor of int64 keys, got {type(keys_in).__name__}")
+        check_key_tensor(keys_in)
         if keys_in.dim() == 2:
             if offsets is not None:
                 raise InvalidArgumentError("offsets must be None when input is 2-D (B bags of N keys each)")

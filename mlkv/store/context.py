@@ -52,6 +52,7 @@ class StoreContext:
         self,
         path: str,
         readonly: bool,
+        engine: Engine,
         cache_bytes: int,
         writeback_limit: int,
         io_threads: int,
@@ -62,7 +63,7 @@ class StoreContext:
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.engine_lock = RWLock()
-        self.engine: Engine | None = None  # set once by the Store, right after it opens the engine
+        self.engine = engine
         self.budget = TierBudget(cache_bytes)
         self.stats: dict[str, float] = dict.fromkeys(STAT_KEYS, 0)
         self.stats["stall_seconds"] = 0.0

@@ -203,19 +203,23 @@ class Store:
         # a kept checkpoint's files are never changed while it is kept: reading one needs no lock (slab)
         self._file_lock = StoreLock(path, readonly, on_disk and (checkpoint is None or engine == "rocksdb"))
         try:
-            self._engine = open_engine(engine, path, readonly, keep_checkpoints, checkpoint)
+            opened = open_engine(engine, path, readonly, keep_checkpoints, checkpoint)
         except BaseException:
             self._file_lock.release()
             raise
-        self.keep_checkpoints = self._engine.keep_checkpoints
-        meta = self._engine.committed_meta() or {}
+        self.keep_checkpoints = opened.keep_checkpoints
+        meta = opened.committed_meta() or {}
         self._schemas: dict[str, dict] = dict(meta.get("tables", {}))
         self._last = (meta["checkpoint_id"], meta.get("metadata")) if "checkpoint_id" in meta else None
         limit = max(WRITEBACK_MIN_BYTES, min(WRITEBACK_MAX_BYTES, self.cache_bytes // 4))
         name = os.path.basename(os.path.normpath(path)) or "store"
         # what the tables share with the store: one lock, the engine's lock, queues, stats, guards
-        self._ctx = StoreContext(path, readonly, self.cache_bytes, limit, io_threads, name)
-        self._ctx.engine = self._engine
+        self._ctx = StoreContext(path, readonly, opened, self.cache_bytes, limit, io_threads, name)
+
+    @property
+    def _engine(self):
+        """The engine beneath the tables (its one reference lives in the context)."""
+        return self._ctx.engine
 
     # ---- tables -------------------------------------------------------------------------------------
     def table(

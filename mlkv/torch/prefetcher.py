@@ -224,11 +224,7 @@ class _PrefetchIterator(Iterator):
             self._tuner.restore()
 
     def __del__(self) -> None:
-        w = self._worker
-        if w is not None:
-            w.stop(timeout=None)
-        if self._tuner is not None:
-            self._tuner.restore()
+        self.close()
 
 
 class Prefetcher:

@@ -19,7 +19,6 @@ Thread-safety: as EmbeddingBag, a collection is called from one thread at a time
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,7 +27,7 @@ import torch.nn.functional as F  # noqa: N812 - torch's own spelling
 from torch import Tensor, nn
 
 from ..errors import InvalidArgumentError, InvalidTypeError
-from .modules import EmbeddingBag, bag_grad, check_key_tensor, dedup_keys
+from .modules import EmbeddingBag, bag_grad, check_key_tensor, dedup_keys, prepare_reads
 
 _POOLING = ("sum", "mean")
 
@@ -126,24 +125,6 @@ class EmbeddingBagCollection(nn.ModuleList):
             m.requires_grad_(requires_grad)
         return self
 
-    def _before_reads(self) -> None:
-        """Once per forward, before any table is read: the dead reads of every member's optimizer are
-        released (not between two members' reads, which are recorded only after the last one), and a
-        training forward without an optimizer warns once for the collection, not once per table."""
-        owners = {id(m.optimizer): m.optimizer for m in self if m.optimizer is not None}
-        for opt in owners.values():
-            opt._sweep()
-        unowned = [m for m in self if m.trains and m.optimizer is None and not m._warned_unowned]
-        if unowned:
-            names = ", ".join(repr(m.table.name) for m in unowned)
-            warnings.warn(
-                f"EmbeddingBagCollection runs in training mode but tables {names} belong to no "
-                "SparseOptimizer: their rows are read untracked and their gradients are never applied",
-                stacklevel=4,  # the caller of collection(...), through forward and nn.Module.__call__
-            )
-            for m in unowned:
-                m._warned_unowned = True
-
     def _keys(self, keys_in: Tensor) -> Tensor:
         """input as int64 (B, T, L), checked before any row is read."""
         check_key_tensor(keys_in)
@@ -162,12 +143,13 @@ class EmbeddingBagCollection(nn.ModuleList):
         cols = keys.cpu().permute(1, 0, 2).reshape(n_tables, n * per_bag).numpy()
         idx = np.empty((n, n_tables, per_bag), dtype=np.int64)
         reads: list[tuple[EmbeddingBag, np.ndarray, Tensor, object]] = []
-        self._before_reads()
+        # here <- forward <- Module._call_impl <- Module._wrapped_call_impl <- collection(...)
+        prepare_reads(list(self), "EmbeddingBagCollection", stacklevel=5)
         try:
             offset = 0
             for t, module in enumerate(self):
                 uk, inv = dedup_keys(cols[t])
-                _, w, owner = module._read(uk, None, sweep=False)
+                _, w, owner = module._read(uk, None)
                 reads.append((module, uk, w, owner))
                 np.add(inv.reshape(n, per_bag), offset, out=idx[:, t, :])
                 offset += len(uk)

@@ -229,6 +229,37 @@ def _embeddings_array(table, embeddings, keys) -> tuple[np.ndarray, np.ndarray]:
     return k, rows
 
 
+def prepare_reads(modules: list[_TableModule], caller: str, stacklevel: int) -> None:
+    """Before a forward reads the tables of `modules` (and before it records any read): the reads of dead
+    graphs are released, once per optimizer (a release between two tables' reads could give back keys just
+    read and not recorded yet), and a module that trains without a SparseOptimizer warns, once in its life.
+
+    Args:
+        modules: the modules whose tables the forward reads.
+        caller: what the warning names (``"EmbeddingBag"``, ``"EmbeddingBagCollection"``).
+        stacklevel: of the warning as seen from here, so that it points at the user's call.
+    """
+    owners = {id(m.optimizer): m.optimizer for m in modules if m.trains and m.optimizer is not None}
+    for opt in owners.values():
+        opt._sweep()
+    unowned = [m for m in modules if m.trains and m.optimizer is None and not m._warned_unowned]
+    if not unowned:
+        return
+    if len(modules) == 1:
+        what = f"{caller}(table {unowned[0].table.name!r}) runs in training mode but belongs to"
+        whose = "its"
+    else:
+        names = ", ".join(repr(m.table.name) for m in unowned)
+        what = f"{caller} runs in training mode but tables {names} belong to"
+        whose = "their"
+    warnings.warn(
+        f"{what} no SparseOptimizer: {whose} rows are read untracked and {whose} gradients are never applied",
+        stacklevel=stacklevel,
+    )
+    for m in unowned:
+        m._warned_unowned = True
+
+
 class _TableModule(nn.Module):
     """What Embedding and EmbeddingBag share: the table, the device, padding, max_norm, reading rows."""
 
@@ -333,26 +364,11 @@ class _TableModule(nn.Module):
         idx[~is_pad] = inv
         return keys, idx.reshape(keys_in.shape), len(keys)
 
-    def _read(
-        self, keys: np.ndarray, pad: int | None, sweep: bool = True
-    ) -> tuple[Tensor, Tensor, SparseOptimizer | None]:
+    def _read(self, keys: np.ndarray, pad: int | None) -> tuple[Tensor, Tensor, SparseOptimizer | None]:
         """(weight to index: W plus a zero padding row if any, the leaf W itself, the recording optimizer).
-        `sweep`: first release the reads of dead graphs (a caller that reads several tables before it
-        records any sweeps once, before the first read: a sweep between them could release keys just
-        read, as they are not recorded yet)."""
-        owner = self.optimizer
+        Callers run `prepare_reads` first."""
         train = self.trains
-        if train and owner is None and not self._warned_unowned:
-            warnings.warn(
-                f"{type(self).__name__}(table {self.table.name!r}) runs in training mode but belongs to no "
-                "SparseOptimizer: its rows are read untracked and its gradients are never applied",
-                stacklevel=6,  # the caller of module(...), through forward and nn.Module.__call__
-            )
-            self._warned_unowned = True
-        if not (train and owner is not None):
-            owner = None
-        if owner is not None and sweep:
-            owner._sweep()
+        owner = self.optimizer if train else None
         if len(keys):
             rows = self.table.get(keys, track=owner is not None, reader=owner.reader if owner else None)
             rows = np.require(rows, np.float32, ["C", "W", "O"])  # never a view of the table's memory
@@ -379,6 +395,8 @@ class _TableModule(nn.Module):
     def _run(self, keys_in: Tensor, compute) -> Tensor:
         """Dedup, read once, compute(weight, indices, padding row) with torch, record for the optimizer."""
         keys, idx, pad = self._remap(keys_in)
+        # here <- _run <- forward <- Module._call_impl <- Module._wrapped_call_impl <- module(...)
+        prepare_reads([self], type(self).__name__, stacklevel=6)
         weight, w, owner = self._read(keys, pad)
         try:
             before = w.detach().clone() if self.max_norm is not None and len(keys) else None

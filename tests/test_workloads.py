@@ -5,8 +5,11 @@ with the same rows as an uninterrupted one, the in-memory PyTorch baseline agree
 from __future__ import annotations
 
 import argparse
+import glob
 import io
 import json
+import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -304,3 +307,13 @@ def test_cli_errors_name_the_flags():
     for flags, message in cases:
         with pytest.raises(MlkvError, match=message):
             cmd_train(PARSER.parse_args(["train", "kge", *flags]))
+
+
+@pytest.mark.parametrize("dtype, engine", [("float32", "slab"), ("bfloat16", "memory")])
+def test_kernel_warm_up_runs_on_a_throw_away_store_and_leaves_nothing(dtype, engine):
+    from mlkv.workloads.warmup import compile_kernels
+
+    pattern = os.path.join(tempfile.gettempdir(), "mlkv-warmup-*")
+    before = set(glob.glob(pattern))
+    assert compile_kernels(dtype, engine) > 0
+    assert set(glob.glob(pattern)) == before
